@@ -1,0 +1,1 @@
+"""The Dataloop model app: `clip_adapter.ClipAdapter` over the `clip` library."""

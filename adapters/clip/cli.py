@@ -1,0 +1,225 @@
+"""The local command line: `python -m adapters.clip COMMAND ...`.
+
+Each command is a few lines over the library. Library errors (`ClipAdapterError`) become one
+line on stderr and exit code 1; usage errors exit 2 (argparse's convention).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from .errors import ClipAdapterError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Bad command-line usage: one line on stderr, exit code 2."""
+
+
+# ---- shared helpers ----------------------------------------------------------------------
+def expand_paths(paths: Iterable[str], suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Files as given, folders walked recursively for image files; sorted within each folder."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes))
+        else:
+            found.append(path)  # a missing file is reported per item, not fatal
+    return found
+
+
+def print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def add_model_options(parser: argparse.ArgumentParser, default: str = "ViT-B/32") -> None:
+    parser.add_argument("--model", default=default,
+                        help=f"model name, 'ARCH:PRETRAINED' or checkpoint path (default {default})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+
+
+def progress(total: Optional[int], desc: str, unit: str = "img"):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+# ---- models ------------------------------------------------------------------------------
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list loadable models")
+    p.add_argument("--all", action="store_true", help="also every open_clip ARCH:PRETRAINED pair")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_known_models
+    rows = list_known_models(include_all=args.all)
+    if args.json:
+        print_json([row.__dict__ for row in rows])
+        return EXIT_OK
+    print(f"{'name':42} {'open_clip arch':26} {'dim':>5} {'size':>5}  weights")
+    for row in rows:
+        weights = "random (test model)" if row.name == "tiny" else "cached" if row.cached else "download"
+        print(f"{row.name:42} {row.arch:26} {row.dim:5d} {row.image_size:5d}  {weights}")
+    return EXIT_OK
+
+
+# ---- download ----------------------------------------------------------------------------
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="fetch pretrained weights into the cache (for images built offline)")
+    p.add_argument("names", nargs="+", help="model names, e.g. ViT-B/32 or ViT-B-32:laion2b_s34b_b79k")
+    p.set_defaults(handler=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .models import fetch_pretrained, parse_model_spec
+    for name in args.names:
+        spec = parse_model_spec(name)
+        if spec.kind != "pretrained":
+            print(f"{name}: nothing to download ({spec.kind} weights)")
+            continue
+        path, _ = fetch_pretrained(spec.arch, spec.weights, name=name)
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+# ---- embed -------------------------------------------------------------------------------
+def add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embed images and texts into OUT.npy + OUT.jsonl")
+    p.add_argument("paths", nargs="*", help="image files or folders (walked recursively)")
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--out", default="embeddings", help="output prefix (default: embeddings)")
+    add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(handler=cmd_embed)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .embed import Embedder
+    from .models import load_model
+
+    if not args.paths and not args.text:
+        raise UsageError("nothing to embed: give image paths or folders, or --text")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    images = expand_paths(args.paths)
+    embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    rows, parts = [], []
+    with progress(len(images) + len(args.text), "embedding") as bar:
+        for kind, ids, stream in (("image", images, embedder.iter_images(images)),
+                                  ("text", args.text, embedder.iter_texts(args.text))):
+            for batch in stream:
+                parts.append(batch.vectors)
+                for i in range(len(batch)):
+                    rows.append({"index": len(rows), "kind": kind, "id": str(ids[batch.offset + i]),
+                                 "error": batch.errors.get(i)})
+                bar.update(len(batch))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out.with_suffix(".npy"), vectors)
+    with open(out.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    failed = [r for r in rows if r["error"]]
+    for row in failed:
+        print(f"skipped {row['id']}: {row['error']}", file=sys.stderr)
+    summary = {"embedded": len(rows) - len(failed), "failed": len(failed), "dim": embedder.dim,
+               "model": embedder.clip.name, "vectors": str(out.with_suffix(".npy")),
+               "index": str(out.with_suffix(".jsonl"))}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"embedded {summary['embedded']} ({summary['failed']} failed) with {summary['model']} "
+              f"-> {summary['vectors']} ({vectors.shape[0]}x{vectors.shape[1]}), {summary['index']}")
+    return EXIT_OK
+
+
+# ---- config ------------------------------------------------------------------------------
+def add_config(sub) -> None:
+    p = sub.add_parser("config", help="show the defaults, or validate a configuration")
+    p.add_argument("file", nargs="?", help="a JSON configuration (a model's 'configuration' dict)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key; VALUE is parsed as JSON when it can be")
+    p.add_argument("--explain", action="store_true", help="list every key with its description")
+    p.set_defaults(handler=cmd_config)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import ClipConfig
+    raw: dict = {}
+    if args.file:
+        try:
+            raw = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {args.file}: {exc}") from None
+        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise UsageError(f"{args.file}: expected a JSON object")
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raw[key.strip()] = _parse_value(value)
+    config = ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    if args.explain:
+        for name, field in ClipConfig.model_fields.items():
+            print(f"{name:22} {json.dumps(getattr(config, name)):28} {field.description or ''}")
+    else:
+        print_json(config.to_dict())
+    return EXIT_OK
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# ---- commands added by later features register here ----------------------------------------
+REGISTRARS: list[Callable] = [add_models, add_download, add_embed, add_config]
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapters.clip",
+                                     description="CLIP embeddings, search and fine-tuning, locally.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClipAdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,189 @@
+"""`Embedder`: batching, parallel decoding, normalisation and per-item errors, owned once.
+
+Images are decoded and preprocessed by a thread pool while the model encodes the previous
+batch (PIL and torch release the GIL for the heavy parts), so the model rarely waits.
+Streaming forms (`iter_images`, `iter_texts`) keep memory constant for any input length.
+
+A failed item gets a NaN row and a reason in `errors`; it never fails the batch and never
+gets a plausible-looking vector.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from .models import ClipModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass
+class Embeddings:
+    """Vectors for a run of inputs, in input order.
+
+    `vectors` is (N, D) float32 and L2-normalised; rows of failed inputs are NaN and their
+    reasons are in `errors` (keyed by index within this object). `offset` is the index of
+    the first row in the whole stream.
+    """
+
+    vectors: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    offset: int = 0
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(N,) bool: True where the input was embedded."""
+        mask = np.ones(len(self.vectors), dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+    def vector(self, index: int) -> Optional[np.ndarray]:
+        return None if index in self.errors else self.vectors[index]
+
+    def as_lists(self) -> list[Optional[list[float]]]:
+        """One list of floats or None per input (the shape Dataloop's embed hook returns)."""
+        return [None if i in self.errors else row.tolist() for i, row in enumerate(self.vectors)]
+
+    @classmethod
+    def concat(cls, parts: Sequence["Embeddings"], dim: int) -> "Embeddings":
+        if not parts:
+            return cls(np.zeros((0, dim), dtype=np.float32))
+        errors: dict[int, str] = {}
+        start = 0
+        for part in parts:
+            errors.update({start + i: reason for i, reason in part.errors.items()})
+            start += len(part)
+        return cls(np.concatenate([p.vectors for p in parts]), errors, parts[0].offset)
+
+
+@dataclass
+class _Prepared:
+    tensor: Optional[torch.Tensor]
+    error: Optional[str]
+
+
+class Embedder:
+    """Embeds texts and images with one `ClipModel`."""
+
+    def __init__(self, clip: ClipModel, *, batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.clip = clip
+        self.batch_size = batch_size
+        self.num_workers = max(0, num_workers)
+        self.max_pixels = max_pixels
+
+    @property
+    def dim(self) -> int:
+        return self.clip.dim
+
+    # ---- texts ---------------------------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str]) -> Embeddings:
+        return Embeddings.concat(list(self.iter_texts(texts)), self.dim)
+
+    def iter_texts(self, texts: Iterable[str], batch_size: Optional[int] = None) -> Iterator[Embeddings]:
+        """Texts longer than the model's context (77 tokens for OpenAI's models) are truncated."""
+        size = batch_size or self.batch_size
+        offset = 0
+        chunk: list[str] = []
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) == size:
+                yield self._text_batch(chunk, offset)
+                offset += len(chunk)
+                chunk = []
+        if chunk:
+            yield self._text_batch(chunk, offset)
+
+    def _text_batch(self, texts: list, offset: int) -> Embeddings:
+        vectors = np.full((len(texts), self.dim), np.nan, dtype=np.float32)
+        errors: dict[int, str] = {}
+        good: list[int] = []
+        for i, text in enumerate(texts):
+            reason = text_problem(text)
+            if reason:
+                errors[i] = reason
+            else:
+                good.append(i)
+        if good:
+            tokens = self.clip.tokenizer([texts[i].strip() for i in good])
+            vectors[good] = self.clip.encode_tokens(tokens)
+        return Embeddings(vectors, errors, offset)
+
+    # ---- images --------------------------------------------------------------------------
+    def embed_images(self, sources: Sequence[ImageSource]) -> Embeddings:
+        return Embeddings.concat(list(self.iter_images(sources)), self.dim)
+
+    def iter_images(self, sources: Iterable[ImageSource], batch_size: Optional[int] = None) -> Iterator[Embeddings]:
+        """Yield one `Embeddings` per batch; decoding of later batches overlaps encoding."""
+        size = batch_size or self.batch_size
+        if self.num_workers == 0:
+            yield from self._batches((self._prepare(s) for s in sources), size)
+            return
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode") as pool:
+            yield from self._batches(self._prefetched(pool, sources, ahead=2 * size), size)
+
+    def _prefetched(self, pool: ThreadPoolExecutor, sources: Iterable[ImageSource],
+                    ahead: int) -> Iterator[_Prepared]:
+        """Keep `ahead` decode jobs in flight; yield results in input order."""
+        pending: deque[Future] = deque()
+        for source in sources:
+            pending.append(pool.submit(self._prepare, source))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def _batches(self, prepared: Iterable[_Prepared], size: int) -> Iterator[Embeddings]:
+        offset = 0
+        chunk: list[_Prepared] = []
+        for item in prepared:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield self._image_batch(chunk, offset)
+                offset += len(chunk)
+                chunk = []
+        if chunk:
+            yield self._image_batch(chunk, offset)
+
+    def _image_batch(self, chunk: list[_Prepared], offset: int) -> Embeddings:
+        vectors = np.full((len(chunk), self.dim), np.nan, dtype=np.float32)
+        errors = {i: p.error for i, p in enumerate(chunk) if p.error is not None}
+        good = [i for i, p in enumerate(chunk) if p.error is None]
+        if good:
+            pixels = torch.stack([chunk[i].tensor for i in good])  # (B, 3, H, W)
+            vectors[good] = self.clip.encode_images(pixels)
+        return Embeddings(vectors, errors, offset)
+
+    def _prepare(self, source: ImageSource) -> _Prepared:
+        try:
+            image = load_image(source, max_pixels=self.max_pixels, draft_size=self.clip.image_size)
+            return _Prepared(self.clip.preprocess(image), None)
+        except InputError as exc:
+            return _Prepared(None, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-image run
+            log.debug("unexpected failure preparing an image", exc_info=True)
+            return _Prepared(None, f"cannot prepare image: {type(exc).__name__}: {exc}")
+
+
+def text_problem(text: object) -> Optional[str]:
+    """Why `text` cannot be embedded, or None."""
+    if not isinstance(text, str):
+        return f"not a text ({type(text).__name__})"
+    if not text.strip():
+        return "empty text"
+    return None

@@ -1,0 +1,42 @@
+"""Typed errors of the library.
+
+The library raises these; the edges (the command line, the Dataloop adapter) turn
+them into one-line messages. Each message says what failed and what to do.
+"""
+from __future__ import annotations
+
+
+class ClipAdapterError(Exception):
+    """Base class: every error this library raises on purpose."""
+
+
+class ConfigError(ClipAdapterError, ValueError):
+    """A configuration key is unknown, has the wrong type or is out of range."""
+
+
+class ModelLoadError(ClipAdapterError):
+    """A model name, checkpoint or weights file cannot be turned into a model."""
+
+
+class WeightsUnavailableError(ModelLoadError):
+    """Pretrained weights are neither cached nor downloadable (typically: offline)."""
+
+
+class CheckpointError(ModelLoadError):
+    """A file is not the checkpoint it claims to be, or does not fit the architecture."""
+
+
+class InputError(ClipAdapterError):
+    """One input (an image or a text) cannot be embedded. Carries the reason."""
+
+
+class DataError(ClipAdapterError):
+    """Training or evaluation data is missing or malformed."""
+
+
+class StoreError(ClipAdapterError):
+    """The local store cannot be opened, read or written."""
+
+
+class ModelMismatchError(StoreError):
+    """A store or checkpoint was made with another model than the one in use."""

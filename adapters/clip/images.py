@@ -1,0 +1,150 @@
+"""Turn whatever users hand us (paths, bytes, PIL images, numpy arrays) into an RGB PIL image.
+
+Each failure raises `InputError` with a reason a person can act on; callers record it
+against that one item and go on with the rest. Conversions that PIL gets wrong by
+default are done here on purpose:
+
+- EXIF orientation is applied (phones store portrait photos sideways);
+- transparency is composited on white (a transparent logo on black is a black square);
+- 16-bit images are scaled to 8 bits (PIL's `convert('RGB')` clips them to white);
+- large JPEGs are decoded at reduced scale (`draft`) close to the model's input size,
+  so a 12-megapixel photo is not fully decoded to make a 224-pixel input.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+# PIL's own bomb threshold (about 89 megapixels); anything larger is refused before decoding.
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+WHITE = (255, 255, 255)
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+    """Decode `source` into an RGB image. `draft_size` lets JPEG decode at >= that many pixels a side."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels)
+        return to_rgb(source)
+    if isinstance(source, np.ndarray):
+        return to_rgb(array_to_image(source, max_pixels))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise InputError("empty image data (0 bytes)")
+        return _decode(io.BytesIO(bytes(source)), max_pixels, draft_size)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"file not found: {path}") from None
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if path.is_dir():
+            raise InputError(f"is a directory, not an image: {path}")
+        if size == 0:
+            raise InputError(f"empty file (0 bytes): {path}")
+        try:
+            with open(path, "rb") as fh:
+                return _decode(fh, max_pixels, draft_size)
+        except PermissionError:
+            raise InputError(f"permission denied: {path}") from None
+    raise InputError(f"unsupported image source type {type(source).__name__}")
+
+
+def _decode(stream: Any, max_pixels: int, draft_size: int | None) -> Image.Image:
+    try:
+        image = Image.open(stream)
+    except UnidentifiedImageError:
+        raise InputError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image over the pixel limit ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"unreadable image: {exc}") from None
+    _check_pixels(image.size, max_pixels)
+    try:
+        if draft_size and image.format == "JPEG":
+            image.draft(None, (draft_size, draft_size))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"truncated or corrupt image: {exc}") from None
+    return to_rgb(image)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InputError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
+                         f"{max_pixels / 1e6:.0f} MP limit (decompression-bomb guard)")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright, 8-bit RGB, transparency on white."""
+    image = _upright(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return image.convert("RGB")  # L, 1, CMYK (incl. Adobe-inverted), YCbCr, LAB, HSV
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot convert image mode {mode} to RGB: {exc}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - broken EXIF must not lose the image; keep it as stored
+        return image
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scaled = values * 255.0 if values.size and values.max() <= 1.0 else values
+    else:
+        # 16-bit samples (PNG 'I;16', or 'I' holding 16-bit data): full scale is 65535.
+        scaled = values / 257.0
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def array_to_image(array: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """HxW, HxWx1, HxWx3 or HxWx4 arrays: uint8, uint16 (full 16-bit range), bool, or floats in [0, 1]."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise InputError(f"array of shape {array.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    _check_pixels((array.shape[1], array.shape[0]), max_pixels)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.rint(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError("array contains NaN or infinite values")
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise InputError(f"unsupported array dtype {array.dtype} (use uint8, uint16, bool or float)")
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[2]]
+    return Image.fromarray(np.ascontiguousarray(array), mode=mode)

@@ -1,0 +1,50 @@
+"""Shared fixtures. dtlpy is pointed at a temp folder *before* anything imports it, so a
+developer's login is never used and nothing can reach the platform."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_DATALOOP_HOME = tempfile.mkdtemp(prefix="dataloop-test-")
+os.environ["DATALOOP_PATH"] = _DATALOOP_HOME
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A real (tiny) open_clip CLIP with seeded random weights, on CPU."""
+    from adapters.clip.models import load_model
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedder(tiny):
+    from adapters.clip.embed import Embedder
+    return Embedder(tiny, batch_size=4, num_workers=2)
+
+
+@pytest.fixture
+def make_image(tmp_path):
+    """Write an image file and return its path: make_image('a.png', color=(255, 0, 0), size=(64, 48))."""
+
+    def make(name: str = "img.png", color=(200, 30, 30), size=(64, 48), mode="RGB", **save_kwargs) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.new(mode, size, color)
+        image.save(path, **save_kwargs)
+        return path
+
+    return make
+
+
+def pattern_image(seed: int, size=(64, 64)) -> Image.Image:
+    """A deterministic image with structure (embeddings of flat colours are too alike)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
