@@ -133,6 +133,10 @@ class ClipAdapter(dl.BaseModelAdapter):
             self.logger.warning(f"item {inputs[index].item_id}: no embedding: {reason}")
         return vectors
 
+    # ---- predict (zero-shot classification) ---------------------------------------------
+
+    # ---- train / evaluate ----------------------------------------------------------------
+
     # ---- helpers -------------------------------------------------------------------------
     def _require_loaded(self) -> None:
         if self.clip is None or self.embedder is None:

@@ -191,8 +191,22 @@ def _parse_value(text: str):
         return text
 
 
-# ---- commands added by later features register here ----------------------------------------
-REGISTRARS: list[Callable] = [add_models, add_download, add_embed, add_config]
+CORE_COMMANDS: list[Callable] = [add_models, add_download, add_embed, add_config]
+
+
+# ---- store & search (index, search, classify) -------------------------------------------------
+STORE_COMMANDS: list[Callable] = []
+
+
+# ---- data & evaluation (prepare, convert, eval) ----------------------------------------------
+DATA_COMMANDS: list[Callable] = []
+
+
+# ---- training (train, demo) ------------------------------------------------------------------
+TRAIN_COMMANDS: list[Callable] = []
+
+
+REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TRAIN_COMMANDS
 
 
 # ---- entry point -------------------------------------------------------------------------
