@@ -11,14 +11,22 @@ import functools
 import logging
 from typing import Any, Callable, Optional, TypeVar
 
+import sys
+from pathlib import Path
+
 import dtlpy as dl
 from dtlpy.ml.base_model_adapter import AdapterDefaults
 
-from adapters.clip.config import ClipConfig
-from adapters.clip.embed import Embedder
-from adapters.clip.errors import ClipAdapterError
-from adapters.clip.items import IMAGE, PROMPT, TEXT, ItemInput, decode_payload, item_kind
-from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint
+# Dataloop's runner loads this file by path (dataloop.json entryPoint); make the package importable.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from adapters.clip.config import ClipConfig  # noqa: E402
+from adapters.clip.embed import Embedder  # noqa: E402
+from adapters.clip.errors import ClipAdapterError  # noqa: E402
+from adapters.clip.items import IMAGE, PROMPT, TEXT, ItemInput, decode_payload, item_kind  # noqa: E402
+from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
 
 log = logging.getLogger("clip-adapter")
 
@@ -109,7 +117,10 @@ class ClipAdapter(dl.BaseModelAdapter):
             return prepared
         try:
             buffer = item.download(save_locally=False)
-            prepared.data, prepared.error = decode_payload(kind, buffer.getvalue())
+            if buffer is None:
+                prepared.error = "download failed: the platform returned no data"
+            else:
+                prepared.data, prepared.error = decode_payload(kind, buffer.getvalue())
         except Exception as exc:  # noqa: BLE001 - a failed download is this item's problem only
             prepared.error = f"download failed: {type(exc).__name__}: {exc}"
         return prepared

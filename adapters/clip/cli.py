@@ -199,7 +199,157 @@ STORE_COMMANDS: list[Callable] = []
 
 
 # ---- data & evaluation (prepare, convert, eval) ----------------------------------------------
-DATA_COMMANDS: list[Callable] = []
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="caption an image folder and split it into a manifest")
+    p.add_argument("folder", help="a folder of images (class sub-folders, or train/ + validation/)")
+    p.add_argument("--out", required=True, help="manifest to write (.jsonl, or .csv)")
+    p.add_argument("--val", type=float, default=0.2, help="validation fraction, by image (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--captions", metavar="CSV", help="a CSV of captions: image,caption (several rows per image ok)")
+    p.add_argument("--template", default="a photo of a {}",
+                   help="caption from the directory name when an image has none (default 'a photo of a {}')")
+    p.add_argument("--strict", action="store_true", help="fail on any image that cannot be captioned")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(handler=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_folder
+    if not 0.0 <= args.val < 1.0:
+        raise UsageError("--val must be in [0, 1)")
+    if "{}" not in args.template:
+        raise UsageError("--template needs '{}' where the directory name goes")
+    result = prepare_folder(args.folder, val=args.val, seed=args.seed, captions_csv=args.captions,
+                            template=args.template)
+    return _finish_manifest(result, args)
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="a Dataloop export folder (prepare_data layout) -> a manifest")
+    p.add_argument("export_dir", help="folder with <subset>/json/ (+ items/ or images/), or datasets/<id>/...")
+    p.add_argument("--out", required=True, help="manifest to write (.jsonl, or .csv)")
+    p.add_argument("--strict", action="store_true", help="fail on any bad record")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .data import read_export
+    if not Path(args.export_dir).is_dir():
+        raise UsageError(f"{args.export_dir}: not a folder")
+    return _finish_manifest(read_export(args.export_dir), args)
+
+
+def _finish_manifest(result, args: argparse.Namespace) -> int:
+    """Report skipped records, honour --strict, write the manifest, print a summary."""
+    from .data import write_manifest
+    from .errors import DataError
+    for problem in result.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if args.strict:
+        result.raise_if_problems()
+    if not result.pairs:
+        raise DataError("no caption pairs to write" + (f" ({len(result.problems)} records skipped)"
+                                                         if result.problems else ""))
+    write_manifest(result.pairs, args.out)
+    summary = {"manifest": str(args.out), "subsets": result.counts(), "skipped": len(result.problems)}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {len(result.pairs)} pairs to {args.out} ({result.summary()})")
+    return EXIT_OK
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="retrieval (and zero-shot) metrics of one or more models on a manifest")
+    p.add_argument("--model", action="append", dest="models", metavar="MODEL",
+                   help="model name, 'ARCH:PRETRAINED' or checkpoint (repeat to compare models)")
+    p.add_argument("--data", required=True, help="a manifest (.jsonl/.csv) or a Dataloop export folder")
+    p.add_argument("--subset", default="validation", help="subset to evaluate, or 'all' (default validation)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                   help="zero-shot prompt template with '{}' (repeatable; default: the config's prompt_templates)")
+    p.add_argument("--strict", action="store_true", help="fail on any bad data record")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import ClipConfig
+    from .data import load_pairs
+    from .evaluate import EvalData, evaluate_pairs
+    from .models import load_model
+
+    if not args.models:
+        raise UsageError("give at least one --model (repeat --model to compare models)")
+    models = args.models
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    templates = args.templates or ClipConfig().prompt_templates
+    if any("{}" not in t for t in templates):
+        raise UsageError("every --template needs '{}' where the label goes")
+    loaded = load_pairs(args.data, strict=args.strict)
+    pairs = loaded.pairs if args.subset == "all" else loaded.subset(args.subset)
+    for problem in loaded.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not pairs:
+        from .errors import DataError
+        present = ", ".join(loaded.counts()) or "none"
+        raise DataError(f"{args.data}: no pairs in subset {args.subset!r} (subsets present: {present})")
+    data = EvalData.from_pairs(pairs)
+    results: dict[str, dict] = {}
+    for position, name in enumerate(models):
+        failed: list = []
+        clip = load_model(name, device=args.device)
+        column = name if name not in results else f"{name} #{position + 1}"
+        results[column] = evaluate_pairs(clip, data, batch_size=args.batch_size, templates=templates,
+                                       num_workers=args.workers, on_problem=failed.append, show_progress=True)
+        for problem in failed:
+            print(f"{name}: excluded {problem}", file=sys.stderr)
+        del clip
+    if args.json:
+        print_json({"data": str(args.data), "subset": args.subset, "models": results})
+    else:
+        print(f"{args.data} [{args.subset}]: {len(data.images)} images, {len(data.captions)} distinct captions, "
+              f"{data.n_pairs} pairs")
+        print(format_metrics_table(results))
+    return EXIT_OK
+
+
+METRIC_ROWS = (("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"), ("t2i_r10", "text->image R@10"),
+               ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"), ("i2t_r10", "image->text R@10"),
+               ("mean_recall", "mean recall"), ("t2i_mean_rank", "text->image mean rank"),
+               ("t2i_median_rank", "text->image median rank"), ("i2t_mean_rank", "image->text mean rank"),
+               ("i2t_median_rank", "image->text median rank"), ("zero_shot_accuracy", "zero-shot accuracy"),
+               ("images", "images scored"), ("failed_images", "images failed"))
+
+
+def format_metrics_table(results: dict[str, dict]) -> str:
+    """Metrics as rows, models as columns; recalls and accuracy in percent."""
+    names = list(results)
+    width = max([12] + [len(n) for n in names])
+    lines = [f"{'metric':26}" + "".join(f" {n:>{width}}" for n in names)]
+    for key, title in METRIC_ROWS:
+        if not any(key in r for r in results.values()):
+            continue
+        cells = []
+        for name in names:
+            value = results[name].get(key)
+            if value is None:
+                cells.append("-")
+            elif "rank" in key:
+                cells.append(f"{value:.1f}")
+            elif key in ("images", "failed_images"):
+                cells.append(f"{int(value)}")
+            else:
+                cells.append(f"{100 * value:.1f}%")
+        lines.append(f"{title:26}" + "".join(f" {c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+DATA_COMMANDS: list[Callable] = [add_prepare, add_convert, add_eval]
 
 
 # ---- training (train, demo) ------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _decode(stream: Any, max_pixels: int, draft_size: int | None) -> Image.Image
     except Image.DecompressionBombError as exc:
         raise InputError(f"image over the pixel limit ({exc})") from None
     except OSError as exc:
-        raise InputError(f"unreadable image: {exc}") from None
+        raise InputError(f"unreadable or corrupt image: {exc}") from None
     _check_pixels(image.size, max_pixels)
     try:
         if draft_size and image.format == "JPEG":

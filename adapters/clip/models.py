@@ -486,12 +486,11 @@ def _fetch_from_hf(hf_hub: str, cache_dir: Optional[str], label: str) -> str:
         except Exception:  # noqa: BLE001 - not cached under this name
             continue
     where = cache_dir or hf_constants.HF_HUB_CACHE
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    _require_network(endpoint, label, f"Hugging Face cache {where} (repo {repo_id})")
+    _require_network(hf_constants.ENDPOINT, label, f"Hugging Face cache {where} (repo {repo_id})")
     last_error: Optional[Exception] = None
     for filename in names:
         try:
-            return hf_hub_download(repo_id, filename, cache_dir=cache_dir)
+            return hf_hub_download(repo_id, filename, cache_dir=cache_dir, etag_timeout=5)
         except Exception as exc:  # noqa: BLE001 - try the next file name
             last_error = exc
     raise WeightsUnavailableError(f"could not download weights for {label} from {repo_id}: {last_error}")
@@ -508,10 +507,10 @@ def _fetch_from_url(url: str, cache_dir: Optional[str], label: str) -> str:
 
 
 def _require_network(url: str, label: str, looked_in: str) -> None:
-    host = urllib.parse.urlparse(url).hostname or url
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    probe = urllib.parse.urlparse(proxy).hostname if proxy else host
-    port = (urllib.parse.urlparse(proxy).port or 443) if proxy else 443
+    target = urllib.parse.urlparse(proxy or url)
+    probe = target.hostname or url
+    port = target.port or (80 if target.scheme == "http" else 443)
     if not host_reachable(probe, port):
         raise WeightsUnavailableError(
             f"weights for {label} are not cached and {probe}:{port} cannot be reached (offline?). "

@@ -1,0 +1,123 @@
+"""ClipAdapter through dtlpy's real BaseModelAdapter methods, offline.
+
+Faked: only the Dataloop server (model.update, see dataloop_fakes). Items download for real
+from file:// URLs; embed_items is dtlpy's own code calling our prepare_item_func and embed.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.clip.embed import Embedder
+from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
+from conftest import pattern_image
+from dataloop_fakes import file_item, offline_feature_set, offline_model, prompt_json
+
+
+@pytest.fixture
+def adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the earlier adapter read a warm-up image relative to the CWD
+    model = offline_model({"model_name": "tiny", "batch_size": 3, "embeddings_size": 256})
+    adapter = ClipAdapter()
+    adapter.model_entity = model
+    adapter.load(str(tmp_path / "artifacts"))
+    adapter._feature_set = offline_feature_set(64)
+    return adapter
+
+
+@pytest.fixture
+def items(tmp_path):
+    pattern_image(3).save(tmp_path / "photo.png")
+    (tmp_path / "caption.txt").write_text("a red square on the left")
+    (tmp_path / "prompt.json").write_text(prompt_json("a blue circle", image_url="https://example/stream"))
+    (tmp_path / "empty_prompt.json").write_text(prompt_json("   "))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
+    return [
+        file_item("img", tmp_path / "photo.png", "image/png"),
+        file_item("txt", tmp_path / "caption.txt", "text/plain"),
+        file_item("prm", tmp_path / "prompt.json", "application/json", prompt=True),
+        file_item("vid", tmp_path / "clip.mp4", "video/mp4"),
+        file_item("bad", tmp_path / "broken.jpg", "image/jpeg"),
+        file_item("gone", tmp_path / "missing.png", "image/png"),
+        file_item("nop", tmp_path / "empty_prompt.json", "application/json", prompt=True),
+    ]
+
+
+def test_embed_items_runs_our_embed_for_every_kind(adapter, items, tmp_path):
+    returned, vectors = adapter.embed_items(items, upload_features=False)
+    assert [it.id for it in returned] == [it.id for it in items]
+    lengths = [None if v is None else len(v) for v in vectors]
+    assert lengths == [64, 64, 64, None, None, None, None]
+    embedder = Embedder(adapter.clip, num_workers=0)
+    np.testing.assert_allclose(vectors[0], embedder.embed_images([tmp_path / "photo.png"]).vectors[0], atol=1e-5)
+    np.testing.assert_allclose(vectors[1], embedder.embed_texts(["a red square on the left"]).vectors[0], atol=1e-5)
+    np.testing.assert_allclose(vectors[2], embedder.embed_texts(["a blue circle"]).vectors[0], atol=1e-5)
+    for v in vectors[:3]:
+        assert abs(np.linalg.norm(v) - 1) < 1e-5
+
+
+def test_failures_are_logged_with_reasons(adapter, items, caplog):
+    with caplog.at_level("WARNING"):
+        vectors = adapter.embed([adapter.prepare_item_func(it) for it in items[3:]])
+    assert vectors == [None, None, None, None]
+    log = caplog.text
+    assert "vid" in log and "unsupported item type 'video/mp4'" in log
+    assert "bad" in log and ("not an image" in log or "corrupt" in log)
+    assert "gone" in log and "download failed: the platform returned no data" in log
+    assert "nop" in log and "no text prompt" in log
+
+
+def test_load_writes_the_real_embeddings_size(adapter):
+    assert adapter.model_entity.configuration["embeddings_size"] == 64
+    assert adapter.configuration["embeddings_size"] == 64
+
+
+def test_save_then_load_gives_identical_embeddings(adapter, items, tmp_path):
+    with torch.no_grad():
+        for p in adapter.clip.model.parameters():
+            p.mul_(1.01)  # stands in for fine-tuning
+    adapter.clip.forget_fingerprint()
+    before = adapter.embed([adapter.prepare_item_func(it) for it in items[:3]])
+    adapter.save(str(tmp_path / "out"))
+    assert {"model.safetensors", "clip_config.json"} <= set(os.listdir(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "clip_config.json").read_text())
+    assert saved["config"]["model_name"] == "tiny"
+    fresh = ClipAdapter()
+    fresh.model_entity = offline_model({"model_name": "tiny"})
+    fresh.load(str(tmp_path / "out"))
+    assert fresh.clip.fingerprint == adapter.clip.fingerprint
+    after = fresh.embed([fresh.prepare_item_func(it) for it in items[:3]])
+    np.testing.assert_allclose(np.array(after), np.array(before), atol=1e-6)
+
+
+def test_load_reads_the_earlier_adapters_best_pt(adapter, tmp_path):
+    artifacts = tmp_path / "legacy"
+    artifacts.mkdir()
+    torch.save({"model_state_dict": adapter.clip.model.state_dict(), "epoch": 3}, artifacts / "best.pt")
+    legacy = ClipAdapter()
+    legacy.model_entity = offline_model({"model_name": "tiny", "early_stopping": True, "episilon": 1e-6})
+    legacy.load(str(artifacts))
+    assert legacy.clip.fingerprint == adapter.clip.fingerprint
+    assert legacy.settings.early_stop is True
+
+
+def test_bad_configuration_is_one_clear_message(tmp_path):
+    bad = ClipAdapter()
+    bad.model_entity = offline_model({"model_name": "tiny", "learning_rat": 1e-5})
+    with pytest.raises(ClipAdapterFailure, match="did you mean 'learning_rate'"):
+        bad.load(str(tmp_path))
+
+
+def test_embed_before_load_is_a_clear_error():
+    with pytest.raises(ClipAdapterFailure, match="no model loaded"):
+        ClipAdapter().embed([])
+
+
+def test_adapter_without_model_entity_uses_defaults_and_given_name(tmp_path):
+    adapter = ClipAdapter()
+    adapter.configuration  # noqa: B018 - a fresh empty dict each access without an entity
+    adapter.settings = adapter.settings.updated(model_name="tiny")
+    assert adapter.settings.model_name == "tiny"
