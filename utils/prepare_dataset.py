@@ -1,0 +1,186 @@
+"""Turn an image dataset into a prompt-item dataset that `ClipAdapter.train` can fine-tune on.
+
+Each image item becomes a prompt item (same name with `.json`, same folder) whose prompt is the
+image (by its stream URL, so the images stay where they are) and whose caption is a `free-text`
+annotation: the image's description, or else its directory name through a template
+("a photo of a {}": /golden_retriever/x.jpg -> "a photo of a golden retriever"). The item's ML
+subset (train/validation/test) is kept, and the directory name is recorded as
+`metadata.user.label` for zero-shot accuracy.
+
+Everything that decides what to write is pure and tested (`plan_prompt_item`,
+`plan_prompt_items`); the platform calls are confined to `upload_prompt_item` and
+`convert_dataset`, the only places that import dtlpy.
+
+Usage (needs a Dataloop login):
+
+    python utils/prepare_dataset.py --project "My project" --dataset "My images" \
+        [--template "a photo of a {}"] [--name "My images prompt items"]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Optional
+
+if __package__ in (None, ""):  # run as a script: make `adapters` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.clip.data import (DATALOOP_STREAM_URL, DEFAULT_TEMPLATE, KNOWN_SUBSETS, DataProblem,  # noqa: E402
+                                is_image_item, item_description, item_subset_tags, prompt_item_json,
+                                template_caption)
+from adapters.clip.errors import DataError  # noqa: E402
+
+log = logging.getLogger("prepare_dataset")
+
+
+@dataclass(frozen=True)
+class PromptItemPlan:
+    """Everything needed to create one prompt item for one image item."""
+
+    source_item_id: str
+    name: str                      # '<image stem>.json'
+    remote_path: str               # the image's folder, e.g. '/cats'
+    prompt: dict[str, Any]         # the prompt item's JSON (image as the user prompt)
+    caption: str                   # becomes the free-text annotation (assistant reply)
+    caption_source: str            # 'description' | 'directory'
+    subset: Optional[str] = None   # 'train' | 'validation' | 'test' | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # item metadata to upload with
+
+
+def directory_name(item_json: dict) -> Optional[str]:
+    """The last part of the item's folder ('/animals/cats' -> 'cats'); None at the root."""
+    folder = item_json.get("dir") or str(PurePosixPath(str(item_json.get("filename") or "/")).parent)
+    name = PurePosixPath(folder).name
+    return name or None
+
+
+def caption_for_item(item_json: dict, template: str = DEFAULT_TEMPLATE) -> tuple[Optional[str], str]:
+    """(caption, where it came from): the description, else the directory name through `template`."""
+    description = item_description(item_json)
+    if description:
+        return description, "description"
+    folder = directory_name(item_json)
+    if folder:
+        return template_caption(folder, template), "directory"
+    return None, ""
+
+
+def item_subset(item_json: dict) -> Optional[str]:
+    tags = [t for t in item_subset_tags(item_json) if t in KNOWN_SUBSETS]
+    return tags[0] if len(tags) == 1 else None
+
+
+def stream_url(item_json: dict) -> str:
+    return item_json.get("stream") or DATALOOP_STREAM_URL.format(item_json["id"])
+
+
+def plan_prompt_item(item_json: dict, template: str = DEFAULT_TEMPLATE) -> PromptItemPlan:
+    """The prompt item for one exported image item (`item.to_json()`); DataError when impossible."""
+    where = f"item {item_json.get('id', '?')} ({item_json.get('filename') or item_json.get('name') or '?'})"
+    if not item_json.get("id"):
+        raise DataError(f"{where}: has no id")
+    if not is_image_item(item_json):
+        raise DataError(f"{where}: not an image item")
+    caption, source = caption_for_item(item_json, template)
+    if caption is None:
+        raise DataError(f"{where}: no description and no directory name to caption it with")
+    name = PurePosixPath(str(item_json.get("name") or item_json.get("filename"))).stem + ".json"
+    folder = item_json.get("dir") or str(PurePosixPath(str(item_json.get("filename") or "/")).parent)
+    subset = item_subset(item_json)
+    label = directory_name(item_json)
+    metadata: dict[str, Any] = {"user": {"label": label, "source_item_id": item_json["id"]} if label
+                                else {"source_item_id": item_json["id"]}}
+    if subset:
+        metadata["system"] = {"tags": {name_: (True if name_ == subset else None) for name_ in KNOWN_SUBSETS}}
+    return PromptItemPlan(source_item_id=item_json["id"], name=name, remote_path=folder or "/",
+                          prompt=prompt_item_json(stream_url(item_json)), caption=caption,
+                          caption_source=source, subset=subset, metadata=metadata)
+
+
+def plan_prompt_items(item_jsons: Iterable[dict], template: str = DEFAULT_TEMPLATE
+                      ) -> tuple[list[PromptItemPlan], list[DataProblem]]:
+    """Plans for every image item; the rest reported. Two images that would give the same prompt
+    item name (x.jpg and x.png in one folder) get the second named after its item id."""
+    plans: list[PromptItemPlan] = []
+    problems: list[DataProblem] = []
+    taken: set[str] = set()
+    for item_json in item_jsons:
+        try:
+            plan = plan_prompt_item(item_json, template)
+        except DataError as exc:
+            where, _, reason = str(exc).partition(": ")
+            problems.append(DataProblem(where, reason))
+            continue
+        key = f"{plan.remote_path.rstrip('/')}/{plan.name}"
+        if key in taken:
+            plan = PromptItemPlan(**{**plan.__dict__, "name": f"{PurePosixPath(plan.name).stem}-{plan.source_item_id}.json"})
+            key = f"{plan.remote_path.rstrip('/')}/{plan.name}"
+        taken.add(key)
+        plans.append(plan)
+    return plans, problems
+
+
+# ---- the platform part (dtlpy) -----------------------------------------------------------
+def upload_prompt_item(dataset, plan: PromptItemPlan):
+    """Create one prompt item with its caption annotation and subset; returns the new item."""
+    import dtlpy as dl
+
+    prompt_item = dl.PromptItem(name=plan.name)
+    prompt_item.add(message={"role": "user", "content": [{"mimetype": dl.PromptType.IMAGE,
+                                                          "value": plan.prompt["prompts"]["1"][0]["value"]}]})
+    item = dataset.items.upload(prompt_item, remote_name=plan.name, remote_path=plan.remote_path, overwrite=True,
+                                item_metadata={"user": plan.metadata.get("user", {})})
+    prompt_item._item = item
+    # The assistant reply becomes a free-text annotation with metadata.system.promptId = "1".
+    prompt_item.add(message={"role": "assistant", "content": [{"mimetype": dl.PromptType.TEXT, "value": plan.caption}]},
+                    prompt_key="1")
+    if plan.subset:
+        item.assign_subset(plan.subset)
+    return item
+
+
+def convert_dataset(dataset, *, template: str = DEFAULT_TEMPLATE, name: Optional[str] = None, workers: int = 8):
+    """Create `<dataset name> prompt items` next to `dataset` and fill it; returns (new dataset, problems)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = dataset.project.datasets.create(dataset_name=name or f"{dataset.name} prompt items")
+    item_jsons = [item.to_json() for item in dataset.items.list().all()]
+    plans, problems = plan_prompt_items(item_jsons, template)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(upload_prompt_item, target, plan): plan for plan in plans}
+        for future, plan in futures.items():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - one failed upload must not stop the rest
+                problems.append(DataProblem(f"item {plan.source_item_id}", f"upload failed: {exc}"))
+    for problem in problems:
+        log.warning("skipped %s", problem)
+    log.info("created %d prompt items in %r (%d skipped)", len(plans), target.name, len(problems))
+    return target, problems
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", required=True, help="Dataloop project name")
+    parser.add_argument("--dataset", required=True, help="the image dataset's name")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="caption from the directory name")
+    parser.add_argument("--name", help="name of the new prompt-item dataset")
+    args = parser.parse_args(argv)
+    if "{}" not in args.template:
+        parser.error("--template needs '{}' where the directory name goes")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import dtlpy as dl
+
+    if dl.token_expired():
+        dl.login()
+    dataset = dl.projects.get(project_name=args.project).datasets.get(dataset_name=args.dataset)
+    target, problems = convert_dataset(dataset, template=args.template, name=args.name)
+    print(f"prompt items in dataset {target.name!r} ({target.id}); {len(problems)} items skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
