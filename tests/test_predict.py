@@ -1,0 +1,159 @@
+"""Zero-shot predict: the library's classifier against the model's own forward pass, and
+ClipAdapter.predict through dtlpy's real `predict_items`, offline.
+
+Faked, and only these: the Dataloop server calls — `model.update` (see dataloop_fakes) and the
+annotation upload/delete that `predict_items` makes per item (`Annotations.upload`/`.delete`,
+replaced below by a recorder). Items download for real from file:// URLs; the prediction
+metadata is filled in by dtlpy's own `_update_predictions_metadata`.
+"""
+from __future__ import annotations
+
+import json
+
+import dtlpy as dl
+import numpy as np
+import pytest
+import torch
+
+from adapters.clip.classify import ZeroShotClassifier, logit_scale_of, parse_labels
+from adapters.clip.cli import main
+from adapters.clip.embed import Embedder
+from adapters.clip.errors import InputError
+from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
+from conftest import pattern_image
+from dataloop_fakes import file_item, offline_model
+
+LABELS = ["red square", "green circle", "blue sky", "a dog"]
+
+
+# ---- the classifier -----------------------------------------------------------------------------
+def test_probabilities_are_the_models_own_softmax_of_scaled_logits(tiny, tmp_path):
+    """One template: CLIP's forward pass gives image/text features and the logit scale directly."""
+    images = [pattern_image(i) for i in range(3)]
+    classifier = ZeroShotClassifier(Embedder(tiny, num_workers=0), LABELS, ["a photo of a {}."])
+    results = classifier.classify(images, top_k=len(LABELS))
+    pixels = torch.stack([tiny.preprocess(image) for image in images])
+    tokens = tiny.tokenizer([f"a photo of a {label}." for label in LABELS])
+    with torch.no_grad():
+        image_features, text_features, scale = tiny.model(pixels, tokens)
+        reference = (scale * image_features @ text_features.T).softmax(dim=-1).numpy()
+    for result, row in zip(results, reference):
+        got = {s.label: s.score for s in result.labels}
+        np.testing.assert_allclose([got[label] for label in LABELS], row, atol=1e-5)
+        assert [s.score for s in result.labels] == sorted(got.values(), reverse=True)
+    assert logit_scale_of(tiny) == pytest.approx(float(scale))
+
+
+def test_templates_are_averaged_into_one_class_vector(tiny):
+    embedder = Embedder(tiny, num_workers=0)
+    templates = ["a photo of a {}.", "a drawing of a {}.", "{}"]
+    classifier = ZeroShotClassifier(embedder, ["cat", "dog"], templates)
+    prompts = embedder.embed_texts([t.format("dog") for t in templates]).vectors
+    expected = prompts.mean(axis=0) / np.linalg.norm(prompts.mean(axis=0))
+    np.testing.assert_allclose(classifier.class_vectors[1], expected, atol=1e-6)
+
+
+def test_unreadable_images_get_an_error_not_a_label(tiny, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image here")
+    results = ZeroShotClassifier(Embedder(tiny, num_workers=0), "cat,dog").classify([pattern_image(0), broken])
+    assert results[0].ok and len(results[0].labels) == 1
+    assert not results[1].ok and results[1].labels == [] and "image" in results[1].error
+
+
+@pytest.mark.parametrize("labels, message", [("cat,,dog", "non-empty"), ("cat,dog,cat", "duplicate")])
+def test_bad_labels_are_clear_errors(labels, message):
+    with pytest.raises(InputError, match=message):
+        parse_labels(labels)
+
+
+# ---- the adapter through dtlpy --------------------------------------------------------------------
+@pytest.fixture
+def uploads(monkeypatch):
+    """Replace the two server calls predict_items makes per item; record what would be uploaded."""
+    sent: dict[str, list] = {}
+
+    def upload(self, annotations, merge=False):
+        sent[self.item.id] = list(annotations)
+        return annotations
+
+    monkeypatch.setattr(dl.repositories.Annotations, "upload", upload)
+    monkeypatch.setattr(dl.repositories.Annotations, "delete", lambda self, *a, **k: True)
+    return sent
+
+
+def make_adapter(tmp_path, configuration: dict, labels=None) -> ClipAdapter:
+    adapter = ClipAdapter()
+    adapter.model_entity = offline_model({"model_name": "tiny", "device": "cpu", "batch_size": 3, **configuration},
+                                         labels=labels, output_type="class")
+    adapter.load(str(tmp_path / "artifacts"))
+    return adapter
+
+
+@pytest.fixture
+def items(tmp_path):
+    for i in range(3):
+        pattern_image(i).save(tmp_path / f"photo {i}.png")
+    (tmp_path / "note.txt").write_text("a caption, not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return [file_item("img0", tmp_path / "photo 0.png", "image/png"),
+            file_item("txt", tmp_path / "note.txt", "text/plain"),
+            file_item("img1", tmp_path / "photo 1.png", "image/png"),
+            file_item("bad", tmp_path / "broken.jpg", "image/jpeg"),
+            file_item("img2", tmp_path / "photo 2.png", "image/png")]
+
+
+def test_predict_items_labels_each_image_from_the_model_labels(tmp_path, items, uploads):
+    adapter = make_adapter(tmp_path, {}, labels=LABELS)
+    returned, annotations = adapter.predict_items(items)
+    assert [it.id for it in returned] == [it.id for it in items]
+    assert set(uploads) == {it.id for it in items}
+    assert [len(uploads[i]) for i in ("img0", "txt", "img1", "bad", "img2")] == [1, 0, 1, 0, 1]
+    assert len(annotations) == 3
+    expected = ZeroShotClassifier(adapter.embedder, LABELS).classify(
+        [tmp_path / f"photo {i}.png" for i in range(3)])
+    for i, reference in enumerate(expected):
+        annotation = uploads[f"img{i}"][0]
+        assert annotation.type == "class" and annotation.label == reference.labels[0].label
+        model = annotation.metadata["system"]["model"]  # filled in by dtlpy's own code
+        assert model["name"] == "clip-test" and model["confidence"] == pytest.approx(reference.labels[0].score)
+        assert annotation.metadata["user"]["model"]["confidence"] == pytest.approx(reference.labels[0].score)
+
+
+def test_configuration_labels_and_top_k_when_the_entity_has_none(tmp_path, items, uploads):
+    adapter = make_adapter(tmp_path, {"labels": ["cat", "dog", "car"], "top_k": 2,
+                                      "prompt_templates": ["a photo of a {}.", "a picture of a {}."]})
+    adapter.predict_items(items)
+    for item_id in ("img0", "img1", "img2"):
+        labels = uploads[item_id]
+        assert len(labels) == 2 and {a.label for a in labels} <= {"cat", "dog", "car"}
+        confidences = [a.metadata["system"]["model"]["confidence"] for a in labels]
+        assert confidences == sorted(confidences, reverse=True) and sum(confidences) <= 1.0 + 1e-6
+
+
+def test_predict_without_any_labels_says_where_to_put_them(tmp_path, items):
+    adapter = make_adapter(tmp_path, {})
+    with pytest.raises(ClipAdapterFailure, match="'labels' configuration key"):
+        adapter.predict(items[:1])
+
+
+# ---- the command line ------------------------------------------------------------------------------
+def test_classify_command_prints_json_and_draws_a_sheet(tmp_path, capsys):
+    good = [tmp_path / f"p{i}.png" for i in range(2)]
+    for i, path in enumerate(good):
+        pattern_image(i).save(path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    sheet = tmp_path / "labels.png"
+    code = main(["classify", str(good[0]), str(good[1]), str(broken), "--labels", "red, green,blue",
+                 "--model", "tiny", "--device", "cpu", "-k", "2", "--json", "--sheet", str(sheet)])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in rows] == [str(p) for p in good + [broken]]
+    for row in rows[:2]:
+        assert row["error"] is None and len(row["labels"]) == 2
+        assert {entry["label"] for entry in row["labels"]} <= {"red", "green", "blue"}
+    assert rows[2]["labels"] == [] and rows[2]["error"]
+    assert sheet.stat().st_size > 0
+    assert main(["classify", str(good[0]), "--labels", "a,a", "--model", "tiny"]) == 1
+    assert "duplicate labels" in capsys.readouterr().err
