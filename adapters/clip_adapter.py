@@ -145,8 +145,123 @@ class ClipAdapter(dl.BaseModelAdapter):
         return vectors
 
     # ---- predict (zero-shot classification) ---------------------------------------------
+    @user_errors
+    def predict(self, batch: list, **kwargs) -> list:
+        """One dl.AnnotationCollection per element: the top `top_k` labels of each image as
+        dl.Classification with their softmax confidence; empty for anything that is not an image."""
+        self._require_loaded()
+        classifier = self._zero_shot_classifier()
+        inputs = [x if isinstance(x, ItemInput) else self.prepare_item_func(x) for x in batch]
+        collections = [dl.AnnotationCollection() for _ in inputs]
+        images = [i for i, x in enumerate(inputs) if x.ok and x.kind == IMAGE]
+        for x in [x for x in inputs if not (x.ok and x.kind == IMAGE)]:
+            reason = x.error or f"a {x.kind} item (zero-shot classification labels images)"
+            self.logger.info(f"item {x.item_id}: no prediction: {reason}")
+        results = classifier.classify([inputs[i].data for i in images], top_k=self.settings.top_k)
+        entity = self._model_entity
+        for index, result in zip(images, results):
+            if not result.ok:
+                self.logger.warning(f"item {inputs[index].item_id}: no prediction: {result.error}")
+                continue
+            for scored in result.labels:
+                collections[index].add(annotation_definition=dl.Classification(label=scored.label),
+                                       model_info={"name": entity.name if entity is not None else "clip",
+                                                   "model_id": entity.id if entity is not None else None,
+                                                   "confidence": scored.score})
+        return collections
+
+    def zero_shot_labels(self) -> list[str]:
+        """The model entity's labels (or its id_to_label_map), else the `labels` configuration key."""
+        from adapters.clip.errors import ConfigError
+
+        entity = self._model_entity
+        if entity is not None:
+            if entity.labels:
+                return [str(label) for label in entity.labels]
+            mapping = self.configuration["id_to_label_map"] if "id_to_label_map" in self.configuration else None
+            if mapping:
+                return [str(mapping[key]) for key in sorted(mapping, key=int)]
+        if self.settings.labels:
+            return list(self.settings.labels)
+        raise ConfigError("zero-shot predict has no labels: give the model labels (its dataset's ontology) "
+                          "or set the 'labels' configuration key, e.g. [\"cat\", \"dog\"]")
+
+    def _zero_shot_classifier(self):
+        """Class vectors are computed once per (labels, templates, weights), not per batch."""
+        from adapters.clip.classify import ZeroShotClassifier
+
+        labels, templates = self.zero_shot_labels(), list(self.settings.prompt_templates)
+        key = (tuple(labels), tuple(templates), id(self.clip), self.clip.fingerprint)
+        cached = getattr(self, "_zero_shot", None)
+        if cached is None or cached[0] != key:
+            cached = (key, ZeroShotClassifier(self.embedder, labels, templates))
+            self._zero_shot = cached
+        return cached[1]
 
     # ---- train / evaluate ----------------------------------------------------------------
+    TRAINING_DIR = "training"  # under output_path: metrics.jsonl, curves.png, report.md/json (uploaded)
+
+    @user_errors
+    def train(self, data_path: str, output_path: str, **kwargs) -> None:
+        """Fine-tune the loaded model on the caption pairs `prepare_data` laid out in `data_path`.
+
+        Starts from the weights `load` put in `self.clip` and leaves the final (best on validation,
+        or WiSE-FT) weights there, so dtlpy's `save_to_model` -> `save` uploads them. The run's
+        curves and report go to `output_path/training` and are uploaded with the weights; the
+        resumable state and duplicate checkpoints are removed once training has finished.
+        """
+        import shutil
+
+        from adapters.clip.data import load_pairs
+        from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
+        from adapters.clip.train import BEST, LAST, WISE_FT, fit, load_weights_into
+
+        self._require_loaded()
+        settings = self.read_settings()
+        pairs = load_pairs(data_path)
+        self.logger.info(f"training on {data_path}: {pairs.summary()}")
+        run_dir = Path(output_path) / self.TRAINING_DIR
+        epoch_end = kwargs.get("on_epoch_end_callback")
+
+        def on_epoch_end(record, num_epochs: int) -> None:
+            self._publish_epoch(record)
+            if epoch_end is not None:
+                epoch_end(record.epoch - 1, num_epochs)  # dtlpy counts epochs from 0
+
+        try:
+            result = fit(settings, pairs, run_dir, clip=self.clip, on_epoch_end=on_epoch_end)
+        except BaseException:
+            # dtlpy saves and uploads the model on failure too: make that the best epoch so far,
+            # not whatever the interrupted step left in memory.
+            best = run_dir / BEST / CHECKPOINT_WEIGHTS
+            if best.is_file():
+                load_weights_into(self.clip, read_state_dict(best))
+            raise
+        self.model = self.clip.model
+        for name in (LAST, BEST, WISE_FT):  # the weights themselves are saved by `save`
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        self.logger.info(f"training finished: {self._headline(result.report)}")
+
+    def _publish_epoch(self, record) -> None:
+        """Per-epoch loss and recall as the platform's metric plots; a failed upload never stops training."""
+        if self._model_entity is None:
+            return
+        val = record.val
+        samples = [dl.PlotSample(figure="loss", legend="train", x=record.epoch, y=record.train_loss),
+                   dl.PlotSample(figure="loss", legend="validation", x=record.epoch, y=val["loss"]),
+                   dl.PlotSample(figure="recall@1", legend="text->image", x=record.epoch, y=val["t2i_r1"]),
+                   dl.PlotSample(figure="recall@1", legend="image->text", x=record.epoch, y=val["i2t_r1"]),
+                   dl.PlotSample(figure="mean recall", legend="validation", x=record.epoch, y=val["mean_recall"])]
+        try:
+            self.model_entity.metrics.create(samples=samples, dataset_id=self.model_entity.dataset_id)
+        except Exception as exc:  # noqa: BLE001 - plots are a convenience; the training must go on
+            self.logger.warning(f"could not send epoch {record.epoch} metrics to the platform: {exc}")
+
+    @staticmethod
+    def _headline(report: dict) -> str:
+        from adapters.clip.reports import headline
+        return headline(report) if report else "no report"
+
 
     # ---- helpers -------------------------------------------------------------------------
     def _require_loaded(self) -> None:

@@ -195,7 +195,217 @@ CORE_COMMANDS: list[Callable] = [add_models, add_download, add_embed, add_config
 
 
 # ---- store & search (index, search, classify) -------------------------------------------------
-STORE_COMMANDS: list[Callable] = []
+STORE_HELP = "store folder (default: $CLIP_ADAPTER_STORE, else ~/.cache/clip-adapter/store)"
+MAX_LISTED_FAILURES = 20
+
+
+def _add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="DIR", default=None, help=STORE_HELP)
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    from .store import default_store_dir
+    return Path(args.store).expanduser() if args.store else default_store_dir()
+
+
+def add_index(sub) -> None:
+    p = sub.add_parser("index", help="add image files and folders to a local store; rerun: only what changed")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (walked recursively)")
+    _add_store_option(p)
+    p.add_argument("--model", default=None,
+                   help="model name or checkpoint (default: the store's model; ViT-B/32 for a new store)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    p.add_argument("--reindex", action="store_true",
+                   help="re-embed every stored item with --model, beside the old vectors; swapped in when complete")
+    p.add_argument("--subset", help="set this subset on the files indexed (e.g. train)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata for the files indexed (repeatable; VALUE parsed as JSON when it can be)")
+    p.add_argument("--manifest", help="JSONL/CSV manifest (image, caption, subset, metadata) whose attributes to store")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--ann", choices=("auto", "build", "off"), default="auto",
+                   help="ANN index: auto (for stores of 100k+ items), build (now, any size), off")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=cmd_index)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .embed import Embedder
+    from .models import DEFAULT_MODEL, load_model
+    from .store import IndexOptions, index, reindex
+
+    if not args.paths and not args.reindex:
+        raise UsageError("nothing to index: give image files or folders (or --reindex)")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    root = _store_root(args)
+    model = args.model or _stored_model(root) or DEFAULT_MODEL
+    options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
+                           attributes=_manifest_attributes(args.manifest) if args.manifest else {},
+                           batch_size=args.batch_size, ann=args.ann)
+    embedder = Embedder(load_model(model, device=args.device), batch_size=args.batch_size, num_workers=args.workers)
+    summary = (reindex if args.reindex else index)(root, embedder, args.paths, options)
+    for path, reason in summary.failures[:MAX_LISTED_FAILURES]:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if len(summary.failures) > MAX_LISTED_FAILURES:
+        print(f"... and {len(summary.failures) - MAX_LISTED_FAILURES} more skipped", file=sys.stderr)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print_json(summary.to_dict())
+    else:
+        print(("re-indexed with " + summary.model + ": " if summary.reindexed else "") + summary.line())
+        if summary.ann:
+            print(summary.ann)
+    return EXIT_OK
+
+
+def _stored_model(root: Path) -> Optional[str]:
+    from .store import CURRENT, Store
+    if not (root / CURRENT).is_file():
+        return None
+    with Store.open(root) as store:
+        return store.binding.name
+
+
+def _parse_assignments(assignments: Sequence[str], option: str) -> dict:
+    values = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} expects KEY=VALUE, got {assignment!r}")
+        values[key.strip()] = _parse_value(value)
+    return values
+
+
+def _manifest_attributes(path: str) -> dict[str, dict]:
+    """Manifest rows -> {absolute image path: subset, caption, metadata} (first caption of an image wins)."""
+    from .data import read_manifest
+    pairs = read_manifest(path)
+    for problem in pairs.problems:
+        print(f"manifest: skipped {problem.source}: {problem.reason}", file=sys.stderr)
+    attributes: dict[str, dict] = {}
+    for pair in pairs.pairs:
+        metadata = dict(pair.metadata or {})
+        if pair.label is not None:
+            metadata.setdefault("label", pair.label)
+        attributes.setdefault(str(pair.image), {"subset": pair.subset, "caption": pair.caption,
+                                                "metadata": metadata})
+    return attributes
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a store by text, image or both: \"dog + beach - people\"")
+    p.add_argument("query", nargs="?", help="text; arithmetic \"dog + beach - people\", weights \"2:cat + dog\", "
+                                            "image terms \"image:photo.jpg\" (or an existing image path)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="search by this image (repeatable)")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    _add_store_option(p)
+    p.add_argument("--model", default=None, help="default: the store's model (another model is an error)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    p.add_argument("--subset", action="append", default=[], help="only items of this subset (repeatable)")
+    p.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="metadata condition KEY=VALUE, KEY!=V, KEY>N, KEY<=N, KEY~GLOB (repeatable, all must hold)")
+    p.add_argument("--glob", dest="path_glob", metavar="PATTERN",
+                   help="only paths matching this glob ('*.png' matches names, '*/beach/*' whole paths)")
+    p.add_argument("--min-score", type=float, help="only results with at least this cosine similarity")
+    p.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="approximate search: auto (large stores with an index), on, off (exact)")
+    p.add_argument("--json", action="store_true", help='print [{"path", "score", ...}]')
+    p.add_argument("--sheet", metavar="OUT.png", help="also draw the hits with their scores as a contact sheet")
+    p.set_defaults(handler=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .embed import Embedder
+    from .models import load_model
+    from .search import Filters, Searcher, Term, parse_query, query_vector
+    from .store import ModelBinding, Store
+
+    if not args.query and not args.image:
+        raise UsageError("nothing to search for: give a query text and/or --image PATH")
+    if args.k < 1:
+        raise UsageError("-k must be >= 1")
+    with Store.open(_store_root(args)) as store:
+        terms = parse_query(args.query) if args.query else []
+        terms += [Term(1.0, "image", path) for path in args.image]
+        clip = load_model(args.model or store.binding.name, device=args.device)
+        store.check_model(ModelBinding.of(clip))
+        query = query_vector(terms, Embedder(clip, num_workers=0))
+        filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
+        result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
+        total = store.count()
+    if args.sheet:
+        from .sheets import contact_sheet
+        title = " + ".join(filter(None, [args.query] + [f"image:{p}" for p in args.image]))
+        contact_sheet([(title, [(hit.path, f"{hit.rank}. {hit.score:.3f}  {Path(hit.path).name}")
+                                for hit in result.hits])], args.sheet)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    if args.json:
+        print_json([hit.to_dict() for hit in result.hits])
+        return EXIT_OK
+    if not result.hits:
+        print(f"no results ({result.candidates} of {total} items passed the filters)")
+        return EXIT_OK
+    print(f"{'rank':>4}  {'score':>6}  path")
+    for hit in result.hits:
+        extra = f"  [{hit.subset}]" if hit.subset else ""
+        print(f"{hit.rank:4d}  {hit.score:6.3f}  {hit.path}{extra}")
+    print(f"{len(result.hits)} results from {result.candidates} matching items ({result.method} search, "
+          f"{result.seconds * 1000:.0f} ms)", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="zero-shot: which of --labels each image shows")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,car"')
+    p.add_argument("--template", action="append", default=[], metavar="TEXT",
+                   help="prompt template with {} for the label (repeatable; default \"a photo of a {}.\")")
+    p.add_argument("-k", "--top-k", type=int, default=1, help="labels per image (default 1)")
+    add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help='print [{"path", "labels": [{"label", "score"}], "error"}]')
+    p.add_argument("--sheet", metavar="OUT.png", help="also draw the images with their labels as a contact sheet")
+    p.set_defaults(handler=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .classify import DEFAULT_TEMPLATES, ZeroShotClassifier
+    from .embed import Embedder
+    from .models import load_model
+
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    images = expand_paths(args.images)
+    if not images:
+        raise UsageError("no images found in the given folders")
+    embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size)
+    classifier = ZeroShotClassifier(embedder, args.labels, args.template or DEFAULT_TEMPLATES)
+    results = classifier.classify(images, top_k=args.top_k)
+    rows = [{"path": str(path), "labels": [{"label": s.label, "score": round(s.score, 6)} for s in r.labels],
+             "error": r.error} for path, r in zip(images, results)]
+    for row in rows:
+        if row["error"]:
+            print(f"skipped {row['path']}: {row['error']}", file=sys.stderr)
+    if args.sheet:
+        from .sheets import contact_sheet
+        tiles = [(row["path"], ", ".join(f"{s['label']} {s['score']:.2f}" for s in row["labels"]) or "unreadable")
+                 for row in rows]
+        per_row = 8
+        contact_sheet([(f"{args.labels}" if i == 0 else "", tiles[i:i + per_row])
+                       for i in range(0, len(tiles), per_row)], args.sheet, title="zero-shot: " + args.labels)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    for row in rows:
+        if not row["error"]:
+            print(f"{row['path']}: " + ", ".join(f"{s['label']} ({s['score']:.2f})" for s in row["labels"]))
+    return EXIT_OK
+
+
+STORE_COMMANDS: list[Callable] = [add_index, add_search, add_classify]
 
 
 # ---- data & evaluation (prepare, convert, eval) ----------------------------------------------
@@ -353,7 +563,82 @@ DATA_COMMANDS: list[Callable] = [add_prepare, add_convert, add_eval]
 
 
 # ---- training (train, demo) ------------------------------------------------------------------
-TRAIN_COMMANDS: list[Callable] = []
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model on caption pairs (manifest or Dataloop export)")
+    p.add_argument("--data", required=True, help="a manifest (.jsonl/.csv) or a Dataloop export folder "
+                                                 "with 'train' and 'validation' subsets")
+    p.add_argument("--out", required=True, help="run directory: best/, last/, metrics.jsonl, curves.png, report.md")
+    p.add_argument("--model", help="starting model (sets model_name): a name, 'ARCH:PRETRAINED' or a checkpoint")
+    p.add_argument("--config", metavar="JSON", help="a configuration file (a model's 'configuration' dict)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key; VALUE is parsed as JSON when it can be (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--strict", action="store_true", help="fail on any bad data record")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_pairs
+    from .reports import REPORT_MD, headline
+    from .train import LAST, RUN_STATE, fit
+
+    config = _config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
+    out = Path(args.out)
+    if (out / LAST / RUN_STATE).is_file() and not args.resume:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    pairs = load_pairs(args.data, strict=args.strict)
+    for problem in pairs.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(f"data: {pairs.summary()}", file=sys.stderr)
+    result = fit(config, pairs, out, resume=args.resume)
+    if args.json:
+        print_json(result.report)
+    else:
+        print(headline(result.report))
+        print(f"model:   {result.model_dir}")
+        print(f"report:  {out / REPORT_MD}")
+        print(f"curves:  {out / 'curves.png'}, metrics: {out / 'metrics.jsonl'}")
+    return EXIT_OK
+
+
+def _config_from_args(path: Optional[str], assignments: Sequence[str], extra: dict):
+    """A validated ClipConfig from a JSON file, then --set KEY=VALUE pairs, then `extra`."""
+    from .config import ClipConfig
+    raw: dict = {}
+    if path:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: expected a JSON object")
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raw[key.strip()] = _parse_value(value)
+    raw.update(extra)
+    return ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo: make a captioned dataset, fine-tune tiny, report")
+    p.add_argument("--out", default="out/demo", help="folder for the data, model and reports (default out/demo)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the demo's own)")
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError("--epochs must be >= 1")
+    run_demo(args.out, epochs=args.epochs)
+    return EXIT_OK
+
+
+TRAIN_COMMANDS: list[Callable] = [add_train, add_demo]
 
 
 REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TRAIN_COMMANDS
