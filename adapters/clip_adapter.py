@@ -242,6 +242,45 @@ class ClipAdapter(dl.BaseModelAdapter):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         self.logger.info(f"training finished: {self._headline(result.report)}")
 
+    @user_errors
+    def convert_from_dtlpy(self, data_path: str, **kwargs) -> None:
+        """Called at the end of dtlpy's `prepare_data`: fetch the images that prompt items point to.
+
+        A prompt item's image is another item (often in another dataset) that `prepare_data`
+        does not download. Each lands where `load_pairs` looks for it; one that cannot be
+        fetched is logged here and reported (then skipped) when the data is read.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from adapters.clip.data import prompt_images_to_download
+
+        wanted = prompt_images_to_download(data_path)
+        if not wanted:
+            return
+        with ThreadPoolExecutor(max_workers=16) as pool:  # downloads wait on the network, not the CPU
+            failures = [f for f in pool.map(lambda item_id: self._fetch_prompt_image(data_path, item_id), wanted)
+                        if f]
+        self.logger.info(f"downloaded {len(wanted) - len(failures)} of {len(wanted)} prompt images")
+        for failure in failures:
+            self.logger.warning(failure)
+
+    @staticmethod
+    def _fetch_prompt_image(data_path: str, item_id: str) -> Optional[str]:
+        """Download one prompt image; the reason it failed, or None."""
+        from adapters.clip.data import prompt_image_target
+        from adapters.clip.files import atomic_path
+
+        try:
+            item = dl.items.get(item_id=item_id)
+            buffer = item.download(save_locally=False)
+            if buffer is None:
+                return f"prompt image {item_id}: the platform returned no data"
+            with atomic_path(prompt_image_target(data_path, item_id, Path(item.name).suffix or ".jpg")) as tmp:
+                tmp.write_bytes(buffer.getvalue())
+        except Exception as exc:  # noqa: BLE001 - one missing image must not stop the training
+            return f"prompt image {item_id}: {type(exc).__name__}: {exc}"
+        return None
+
     def _publish_epoch(self, record) -> None:
         """Per-epoch loss and recall as the platform's metric plots; a failed upload never stops training."""
         if self._model_entity is None:

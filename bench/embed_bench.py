@@ -102,8 +102,8 @@ def main() -> None:
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in best.items()))
     e2e = best["embedder"]
     print()
-    print(f"| path | images/s | ratio |")
-    print(f"|---|---:|---:|")
+    print("| path | images/s | ratio |")
+    print("|---|---:|---:|")
     print(f"| model only (preprocessed tensors) | {best['model-only']:.1f} | 1.00 |")
     print(f"| naive loop (earlier adapter) | {best['naive']:.1f} | {best['naive'] / best['model-only']:.2f} |")
     print(f"| Embedder, {args.workers} decode threads | {e2e:.1f} | {e2e / best['model-only']:.2f} |")

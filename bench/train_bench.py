@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from adapters.clip import demo  # noqa: E402
+from adapters import demo  # noqa: E402
 from adapters.clip.config import ClipConfig  # noqa: E402
 from adapters.clip.data import load_pairs  # noqa: E402
 from adapters.clip.evaluate import EvalData, evaluate_pairs  # noqa: E402

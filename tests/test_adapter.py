@@ -121,3 +121,49 @@ def test_adapter_without_model_entity_uses_defaults_and_given_name(tmp_path):
     adapter.configuration  # noqa: B018 - a fresh empty dict each access without an entity
     adapter.settings = adapter.settings.updated(model_name="tiny")
     assert adapter.settings.model_name == "tiny"
+
+
+def test_convert_from_dtlpy_downloads_the_images_prompt_items_point_to(tmp_path, monkeypatch):
+    """dtlpy's prepare_data ends with convert_from_dtlpy; prompt images live in other items.
+
+    Faked: `dl.items.get` (a server call) returns a real dl.Item whose binary is a local file."""
+    import dtlpy as dl
+
+    from adapters.clip.data import load_pairs, prompt_images_to_download
+    from test_data import export_with_bad_records
+
+    export_with_bad_records(tmp_path)
+    missing = prompt_images_to_download(tmp_path)
+    assert list(missing) == ["65f1c0a9e1b2c3d4e5f6bb99"]
+    source = tmp_path / "elsewhere" / "the-image.png"
+    source.parent.mkdir()
+    pattern_image(5).save(source)
+    fetched = []
+
+    def get(item_id=None, **kwargs):
+        fetched.append(item_id)
+        return file_item(item_id, source, "image/png")
+
+    monkeypatch.setattr(dl.items, "get", get)
+    before = {p.caption for p in load_pairs(tmp_path).pairs}
+    ClipAdapter().convert_from_dtlpy(str(tmp_path))
+    assert fetched == ["65f1c0a9e1b2c3d4e5f6bb99"]
+    assert prompt_images_to_download(tmp_path) == {}
+    after = {p.caption for p in load_pairs(tmp_path).pairs}
+    assert "no image" in after - before
+
+
+def test_convert_from_dtlpy_reports_an_image_it_cannot_fetch(tmp_path, monkeypatch, caplog):
+    import dtlpy as dl
+
+    from test_data import export_with_bad_records
+
+    export_with_bad_records(tmp_path)
+
+    def get(item_id=None, **kwargs):
+        raise dl.exceptions.NotFound("404", "item not found")
+
+    monkeypatch.setattr(dl.items, "get", get)
+    with caplog.at_level("WARNING"):
+        ClipAdapter().convert_from_dtlpy(str(tmp_path))  # does not raise: the rest still trains
+    assert "prompt image 65f1c0a9e1b2c3d4e5f6bb99" in caplog.text and "NotFound" in caplog.text

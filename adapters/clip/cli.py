@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import ClipAdapterError
+from .images import IMAGE_SUFFIXES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -161,27 +161,34 @@ def add_config(sub) -> None:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import ClipConfig
-    raw: dict = {}
-    if args.file:
-        try:
-            raw = json.loads(Path(args.file).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {args.file}: {exc}") from None
-        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
-        if not isinstance(raw, dict):
-            raise UsageError(f"{args.file}: expected a JSON object")
-    for assignment in args.set:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
-        raw[key.strip()] = _parse_value(value)
-    config = ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    config = config_from_args(args.file, args.set, {})
     if args.explain:
         for name, field in ClipConfig.model_fields.items():
             print(f"{name:22} {json.dumps(getattr(config, name)):28} {field.description or ''}")
     else:
         print_json(config.to_dict())
     return EXIT_OK
+
+
+def config_from_args(path: Optional[str], assignments: Sequence[str], extra: dict):
+    """A validated ClipConfig from a JSON file, then --set KEY=VALUE pairs, then `extra`."""
+    from .config import ClipConfig
+    raw: dict = {}
+    if path:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: expected a JSON object")
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raw[key.strip()] = _parse_value(value)
+    raw.update(extra)
+    return ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
 
 
 def _parse_value(text: str):
@@ -583,7 +590,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .reports import REPORT_MD, headline
     from .train import LAST, RUN_STATE, fit
 
-    config = _config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
+    config = config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
     out = Path(args.out)
     if (out / LAST / RUN_STATE).is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
@@ -602,27 +609,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _config_from_args(path: Optional[str], assignments: Sequence[str], extra: dict):
-    """A validated ClipConfig from a JSON file, then --set KEY=VALUE pairs, then `extra`."""
-    from .config import ClipConfig
-    raw: dict = {}
-    if path:
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}") from None
-        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
-        if not isinstance(raw, dict):
-            raise UsageError(f"{path}: expected a JSON object")
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
-        raw[key.strip()] = _parse_value(value)
-    raw.update(extra)
-    return ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
-
-
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo: make a captioned dataset, fine-tune tiny, report")
     p.add_argument("--out", default="out/demo", help="folder for the data, model and reports (default out/demo)")
@@ -631,7 +617,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from adapters.demo import run_demo  # app level: it trains through ClipAdapter (dtlpy) when installed
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be >= 1")
     run_demo(args.out, epochs=args.epochs)

@@ -70,7 +70,8 @@ class ClipConfig(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description=(
         "'auto': fp32 on CPU, fp16/bf16 autocast on GPU."))
-    num_workers: int = Field(2, ge=0, description="Threads decoding images in parallel with the model.")
+    num_workers: int = Field(2, ge=0, description=(
+        "Parallel image decoding beside the model: threads when embedding, processes when training."))
 
     # --- zero-shot predict --------------------------------------------------------------
     labels: Optional[list[str]] = Field(None, description="Zero-shot labels when the model entity has none.")

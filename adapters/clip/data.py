@@ -34,12 +34,12 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 from .errors import DataError
+from .images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 SUBSETS = ("train", "validation")
 KNOWN_SUBSETS = ("train", "validation", "test")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 CAPTION_LABEL = "free-text"
 DEFAULT_TEMPLATE = "a photo of a {}"

@@ -24,6 +24,9 @@ from .errors import InputError
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
+# File suffixes treated as images when walking folders.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
 # PIL's own bomb threshold (about 89 megapixels); anything larger is refused before decoding.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 WHITE = (255, 255, 255)

@@ -18,9 +18,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -35,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ModelLoadError, WeightsUnavailableError
+from .files import atomic_directory, atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -560,68 +559,40 @@ def save_checkpoint(clip: ClipModel, directory: str | Path, *, config: Optional[
     never half). False writes the two files into an existing directory, each through a
     temp file and a rename, leaving other files there alone (Dataloop uploads the lot).
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-                 for k, v in clip.model.state_dict().items()}
-        save_file(state, str(tmp / CHECKPOINT_WEIGHTS))
-        info = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "arch": clip.arch,
-            "embed_dim": clip.dim,
-            "model_cfg": open_clip.get_model_config(clip.arch),
-            "preprocess": clip.preprocess_cfg,
-            "source": clip.source,
-            "fingerprint": fingerprint_state(clip.arch, state),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": config,
-            "metrics": metrics,
-            **(extra or {}),
-        }
-        _write_json(tmp / CHECKPOINT_CONFIG, info)
-        _fsync_dir(tmp)
-        if replace_directory:
-            _swap_in(tmp, directory)
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG):  # config last: it vouches for the weights
-                os.replace(tmp / name, directory / name)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if replace_directory:
+        with atomic_directory(directory) as tmp:
+            write_checkpoint_files(clip, tmp, config=config, metrics=metrics, extra=extra)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_checkpoint_files(clip, directory, config=config, metrics=metrics, extra=extra)
     return directory
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    os.replace(directory, backup)
-    os.replace(tmp, directory)
-    shutil.rmtree(backup, ignore_errors=True)
+def write_checkpoint_files(clip: ClipModel, directory: Path, *, config: Optional[dict] = None,
+                           metrics: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+    """The two files of a checkpoint, each written atomically; the JSON last, as it vouches for the weights."""
+    from safetensors.torch import save_file
 
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in clip.model.state_dict().items()}
+    with atomic_path(directory / CHECKPOINT_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    info = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": clip.arch,
+        "embed_dim": clip.dim,
+        "model_cfg": open_clip.get_model_config(clip.arch),
+        "preprocess": clip.preprocess_cfg,
+        "source": clip.source,
+        "fingerprint": fingerprint_state(clip.arch, state),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    write_json_atomic(directory / CHECKPOINT_CONFIG, info)
 
 
 def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:

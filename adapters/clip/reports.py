@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+from .files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:  # only for annotations: train imports this module lazily
     from .config import ClipConfig
@@ -59,10 +60,9 @@ def plot_curves(history: Sequence["EpochRecord"], path: Path, monitor: str = "me
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -98,8 +98,8 @@ def write_report(run_dir: Path, result: "FitResult", config: "ClipConfig", *, n_
                  problems: Sequence[Any] = ()) -> dict[str, Any]:
     """report.json and report.md in `run_dir`; returns the JSON content."""
     report = build_report(result, config, n_train=n_train, n_val=n_val, problems=problems)
-    _write_text(Path(run_dir) / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
-    _write_text(Path(run_dir) / REPORT_MD, report_markdown(report))
+    write_text_atomic(Path(run_dir) / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(Path(run_dir) / REPORT_MD, report_markdown(report))
     return report
 
 
@@ -158,7 +158,4 @@ def _fmt(key: str, value: float, sign: bool = False) -> str:
     return f"{100 * value:+.1f} pt" if sign else f"{100 * value:.1f}%"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+

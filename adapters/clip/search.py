@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .store import IMAGE_SUFFIXES, Condition, MatrixSnapshot, Store, write_json_atomic
+from .files import write_json_atomic
+from .store import IMAGE_SUFFIXES, Condition, MatrixSnapshot, Store
 
 if TYPE_CHECKING:
     from .embed import Embedder

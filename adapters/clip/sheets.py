@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import InputError
+from .files import atomic_path
 from .images import ImageSource, load_image
 
 # One tile: (image, caption) or (image, caption, correct) where correct frames it green/red.
@@ -53,14 +54,8 @@ def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 1
             left = pad + title_width + c * (thumb + pad)
             _draw_tile(sheet, draw, tile, (left, top), thumb, small, caption_lines)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    try:
+    with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 import numpy as np
 
 from .errors import InputError, ModelMismatchError, StoreError
+from .images import IMAGE_SUFFIXES
+from .files import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the store itself needs no torch; indexing gets an Embedder passed in
     from .embed import Embedder
@@ -62,7 +64,6 @@ log = logging.getLogger(__name__)
 STORE_ENV = "CLIP_ADAPTER_STORE"
 DEFAULT_STORE_DIR = "~/.cache/clip-adapter/store"
 STORE_FORMAT = "clip-adapter-store"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 CURRENT = "CURRENT"
 WRITER_LOCK = "writer.lock"
@@ -381,7 +382,7 @@ class VectorMatrix:
 
     def record(self, state: MatrixState) -> None:
         """Say the files now reflect `state` (after their data is on disk)."""
-        write_json_atomic(self.state_path, state.__dict__)
+        write_json_atomic(self.state_path, state.__dict__, indent=None)
 
     def replace(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], state: MatrixState) -> None:
         """Write a whole new matrix beside the old files and swap it in.
@@ -433,34 +434,6 @@ def _write_rows(vfd: int, ifd: int, rows: np.ndarray, ids: np.ndarray, vectors: 
         first = int(rows[start])
         _pwrite(vfd, vectors[start:stop].tobytes(), first * row_bytes)
         _pwrite(ifd, ids[start:stop].tobytes(), first * 8)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _blob(vector: np.ndarray) -> bytes:
@@ -550,7 +523,7 @@ class Store:
                     if data_dir.exists():  # debris of a creation that died before CURRENT was written
                         shutil.rmtree(data_dir)
                     store = cls.create_data_dir(root, data_dir, create)
-                    _write_text_atomic(root / CURRENT, data_dir.name + "\n")
+                    write_text_atomic(root / CURRENT, data_dir.name + "\n")
                     return store
         data_dir = root / current
         if not (data_dir / DB_FILE).is_file():
@@ -1161,7 +1134,7 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
                 _finish(new, options, summary)
         final = root / f"{DATA_PREFIX}{_next_data_number(root)}"
         os.replace(work, final)
-        _write_text_atomic(root / CURRENT, final.name + "\n")
+        write_text_atomic(root / CURRENT, final.name + "\n")
         # the old data folder stays until the next writer run: a reader may still have it open
     summary.seconds = time.perf_counter() - started
     return summary

@@ -23,11 +23,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,8 +39,9 @@ from .data import CaptionPair, PairSet
 from .embed import Embedder
 from .errors import CheckpointError, ConfigError, DataError, InputError
 from .images import load_image
-from .models import (CHECKPOINT_WEIGHTS, ClipModel, _fsync_dir, _swap_in, _write_json, load_model,
-                     read_state_dict, save_checkpoint)
+from .files import atomic_directory, atomic_path, write_json_atomic
+from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict, save_checkpoint,
+                     write_checkpoint_files)
 
 log = logging.getLogger(__name__)
 
@@ -717,27 +715,18 @@ def save_best(clip: ClipModel, run_dir: Path, config: ClipConfig, record: EpochR
 def save_last(directory: Path, state: RunState, task: ContrastiveTask, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, stopper: EarlyStopping) -> None:
     """Build the whole directory beside, then swap it in: a kill leaves the old or the new one."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_checkpoint(task.clip, tmp, config=state.config, replace_directory=False,
-                        metrics=state.history[-1].val if state.history else None)
+    with atomic_directory(directory) as tmp:
+        write_checkpoint_files(task.clip, tmp, config=state.config,
+                               metrics=state.history[-1].val if state.history else None)
         trainer = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                    "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        with open(tmp / TRAINER_STATE, "wb") as fh:
-            torch.save(trainer, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with atomic_path(tmp / TRAINER_STATE) as trainer_file:
+            torch.save(trainer, trainer_file)
         run_state = {k: v for k, v in asdict(state).items() if k != "history"}
         run_state.update(history=[asdict(r) for r in state.history], early_stopping=stopper.state_dict(),
                          python_rng=_python_rng_state(), numpy_rng=_numpy_rng_state())
-        _write_json(tmp / RUN_STATE, run_state)
-        _fsync_dir(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run directory is for people to look at
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / RUN_STATE, run_state)
 
 
 def restore_last(directory: Path, fresh: RunState, task: ContrastiveTask, optimizer: torch.optim.Optimizer,

@@ -157,10 +157,10 @@ def _offline_adapter(config: dict[str, Any], home: Path):
 
 
 def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path) -> dict:
-    from .config import ClipConfig
-    from .data import load_pairs
-    from .models import save_checkpoint
-    from .train import fit
+    from adapters.clip.config import ClipConfig
+    from adapters.clip.data import load_pairs
+    from adapters.clip.models import save_checkpoint
+    from adapters.clip.train import fit
 
     settings = ClipConfig.from_dict(config)
     result = fit(settings, load_pairs(data_dir), model_dir / "training")
@@ -171,9 +171,9 @@ def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Pa
 # ---- before / after ------------------------------------------------------------------------
 def compare_models(data_dir: Path, model_dir: Path, out: Path) -> dict[str, dict[str, float]]:
     """Evaluate the starting and the trained model on validation; draw their top images per query."""
-    from .data import load_pairs
-    from .evaluate import EvalData, evaluate_pairs
-    from .models import load_model
+    from adapters.clip.data import load_pairs
+    from adapters.clip.evaluate import EvalData, evaluate_pairs
+    from adapters.clip.models import load_model
 
     pairs = load_pairs(data_dir).subset("validation")
     data = EvalData.from_pairs(pairs)
@@ -188,9 +188,9 @@ def compare_models(data_dir: Path, model_dir: Path, out: Path) -> dict[str, dict
 
 def draw_queries(clip, data, path: Path, *, title: str, n_queries: int = 6, k: int = 5) -> Path:
     """A contact sheet: a few validation captions, each with the model's top-k images."""
-    from .embed import Embedder
-    from .metrics import top_k
-    from .sheets import query_sheet
+    from adapters.clip.embed import Embedder
+    from adapters.clip.metrics import top_k
+    from adapters.clip.sheets import query_sheet
 
     embedder = Embedder(clip, batch_size=64)
     image_emb = embedder.embed_images(data.images).vectors

@@ -1,0 +1,84 @@
+"""Atomic writes: build beside the target, fsync, rename over it.
+
+A process killed at any moment leaves either the old file (or directory) or the new one,
+never half of either. Every module that writes something a user keeps goes through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in `path` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sibling(path: Path) -> Path:
+    """A temp name beside `path`, unique per process and thread, with the same suffix (savefig needs it)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path)
+    try:
+        yield tmp
+        with contextlib.suppress(OSError):  # some writers (PIL, matplotlib) close without fsync
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str))
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a fresh directory beside `directory`; on success it is swapped in whole."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; checkpoints and runs are for people to read
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_in(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by `tmp`. Between the two renames only the backup exists, briefly."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+    else:
+        backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, backup)
+        os.replace(tmp, directory)
+        shutil.rmtree(backup, ignore_errors=True)
+    fsync_dir(directory.parent)
