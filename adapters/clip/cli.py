@@ -48,6 +48,22 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = "ViT-B/32"
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_embedding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+
+
 def progress(total: Optional[int], desc: str, unit: str = "img"):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, dynamic_ncols=True)
@@ -100,8 +116,7 @@ def add_embed(sub) -> None:
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--out", default="embeddings", help="output prefix (default: embeddings)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    add_embedding_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(handler=cmd_embed)
 
@@ -114,8 +129,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.text:
         raise UsageError("nothing to embed: give image paths or folders, or --text")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
     images = expand_paths(args.paths)
     embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size,
                         num_workers=args.workers)
@@ -228,8 +241,7 @@ def add_index(sub) -> None:
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata for the files indexed (repeatable; VALUE parsed as JSON when it can be)")
     p.add_argument("--manifest", help="JSONL/CSV manifest (image, caption, subset, metadata) whose attributes to store")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    add_embedding_options(p)
     p.add_argument("--ann", choices=("auto", "build", "off"), default="auto",
                    help="ANN index: auto (for stores of 100k+ items), build (now, any size), off")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -243,8 +255,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.reindex:
         raise UsageError("nothing to index: give image files or folders (or --reindex)")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
     root = _store_root(args)
     model = args.model or _stored_model(root) or DEFAULT_MODEL
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
@@ -371,7 +381,7 @@ def add_classify(sub) -> None:
                    help="prompt template with {} for the label (repeatable; default \"a photo of a {}.\")")
     p.add_argument("-k", "--top-k", type=int, default=1, help="labels per image (default 1)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help='print [{"path", "labels": [{"label", "score"}], "error"}]')
     p.add_argument("--sheet", metavar="OUT.png", help="also draw the images with their labels as a contact sheet")
     p.set_defaults(handler=cmd_classify)
@@ -484,8 +494,7 @@ def add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="a manifest (.jsonl/.csv) or a Dataloop export folder")
     p.add_argument("--subset", default="validation", help="subset to evaluate, or 'all' (default validation)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    add_embedding_options(p)
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="zero-shot prompt template with '{}' (repeatable; default: the config's prompt_templates)")
     p.add_argument("--strict", action="store_true", help="fail on any bad data record")
@@ -502,8 +511,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.models:
         raise UsageError("give at least one --model (repeat --model to compare models)")
     models = args.models
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
     templates = args.templates or ClipConfig().prompt_templates
     if any("{}" not in t for t in templates):
         raise UsageError("every --template needs '{}' where the label goes")
