@@ -242,6 +242,43 @@ class ClipAdapter(dl.BaseModelAdapter):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         self.logger.info(f"training finished: {self._headline(result.report)}")
 
+    EVAL_FIGURES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall",
+                    "zero_shot_accuracy")
+
+    @user_errors
+    def evaluate(self, model: dl.Model, dataset: dl.Dataset, filters: Optional[dl.Filters] = None) -> dl.Model:
+        """Retrieval metrics of the loaded model on a dataset's captioned items, sent as the model's metrics.
+
+        dtlpy's `evaluate_model` calls this after `load_from_model`. The items (prompt items with
+        their caption annotations, or images with descriptions) are downloaded in dtlpy's layout,
+        their prompt images fetched, and every pair scored: Recall@1/5/10 both ways, ranks, and
+        zero-shot accuracy where items carry labels.
+        """
+        import tempfile
+
+        from adapters.clip.data import load_pairs
+        from adapters.clip.evaluate import evaluate_pairs
+
+        self._require_loaded()
+        if isinstance(filters, dict):
+            filters = dl.Filters(custom_filter=filters)
+        with tempfile.TemporaryDirectory(prefix="clip-eval-") as root:
+            # Everything downloaded counts as the evaluation subset, whatever its ML-subset tags.
+            dataset.items.download(local_path=str(Path(root) / "validation"), filters=filters,
+                                   annotation_options=dl.ViewAnnotationOptions.JSON)
+            self.convert_from_dtlpy(root)
+            pairs = load_pairs(root)
+            for problem in pairs.problems:
+                self.logger.warning(f"evaluation skipped {problem}")
+            metrics = evaluate_pairs(self.clip, pairs.subset("validation"), batch_size=self.settings.batch_size,
+                                     templates=self.settings.prompt_templates)
+        self.logger.info("evaluation on %s: %s", dataset.name,
+                         ", ".join(f"{k} {metrics[k]:.3f}" for k in self.EVAL_FIGURES if k in metrics))
+        samples = [dl.PlotSample(figure=f"evaluation: {key}", legend=dataset.name, x=0, y=float(metrics[key]))
+                   for key in self.EVAL_FIGURES if key in metrics]
+        model.metrics.create(samples=samples, dataset_id=dataset.id)
+        return model
+
     @user_errors
     def convert_from_dtlpy(self, data_path: str, **kwargs) -> None:
         """Called at the end of dtlpy's `prepare_data`: fetch the images that prompt items point to.

@@ -167,3 +167,45 @@ def test_convert_from_dtlpy_reports_an_image_it_cannot_fetch(tmp_path, monkeypat
     with caplog.at_level("WARNING"):
         ClipAdapter().convert_from_dtlpy(str(tmp_path))  # does not raise: the rest still trains
     assert "prompt image 65f1c0a9e1b2c3d4e5f6bb99" in caplog.text and "NotFound" in caplog.text
+
+
+def test_evaluate_scores_the_datasets_captioned_items_and_reports_metrics(tmp_path, monkeypatch):
+    """ClipAdapter.evaluate as dtlpy's evaluate_model calls it.
+
+    Faked, being server calls: the dataset's download (it copies an export written here, in dtlpy's
+    items/ + json/ layout), `dl.items.get` for prompt images, and `model.metrics.create` (recorded)."""
+    import shutil
+
+    import dtlpy as dl
+
+    from adapters.clip.data import load_pairs
+    from adapters.clip.evaluate import evaluate_pairs
+    from test_train import write_default_layout_export
+
+    export = tmp_path / "export"
+    write_default_layout_export(export, n_train=0, n_val=8)
+    images = export / "prompt_images"
+    model = offline_model({"model_name": "tiny", "batch_size": 4})
+    plots = []
+    model.metrics.create = lambda samples, dataset_id=None: plots.extend(samples) or True
+    dataset = dl.Dataset.from_json(project=None, _json={"id": "dataset-9", "name": "captions"},
+                                   client_api=dl.client_api)
+
+    def download(local_path=None, filters=None, annotation_options=None, **kwargs):
+        assert annotation_options == dl.ViewAnnotationOptions.JSON
+        shutil.copytree(export / "validation", local_path)
+
+    monkeypatch.setattr(dataset.items, "download", download)
+    monkeypatch.setattr(dl.items, "get", lambda item_id=None, **k: file_item(item_id, images / f"{item_id}.png",
+                                                                             "image/png"))
+    adapter = ClipAdapter()
+    adapter.model_entity = model
+    adapter.load(str(tmp_path / "no-artifacts"))
+    assert adapter.evaluate(model, dataset, filters=None) is model
+
+    expected = evaluate_pairs(adapter.clip, load_pairs(export).subset("validation"))
+    reported = {s.figure.removeprefix("evaluation: "): s.y for s in plots}
+    assert expected["pairs"] == 8
+    for key in ("t2i_r1", "i2t_r1", "t2i_r5", "mean_recall"):
+        assert reported[key] == pytest.approx(expected[key])
+    assert {s.legend for s in plots} == {"captions"}
