@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-from typing import Any, Callable, Optional, TypeVar
-
 import sys
 from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 import dtlpy as dl
 from dtlpy.ml.base_model_adapter import AdapterDefaults
@@ -27,8 +25,6 @@ from adapters.clip.embed import Embedder  # noqa: E402
 from adapters.clip.errors import ClipAdapterError  # noqa: E402
 from adapters.clip.items import IMAGE, PROMPT, TEXT, ItemInput, decode_payload, item_kind  # noqa: E402
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
-
-log = logging.getLogger("clip-adapter")
 
 # Keys dtlpy itself keeps in a model's configuration; ours are validated by ClipConfig.
 DTLPY_KEYS = frozenset({f.name for f in dataclasses.fields(AdapterDefaults)} | {
@@ -137,8 +133,9 @@ class ClipAdapter(dl.BaseModelAdapter):
         for indices, result in ((images, self.embedder.embed_images([inputs[i].data for i in images])),
                                 (texts, self.embedder.embed_texts([inputs[i].data for i in texts]))):
             for position, index in enumerate(indices):
-                vectors[index] = result.vector(position).tolist() if position not in result.errors else None
-                if position in result.errors:
+                vector = result.vector(position)
+                vectors[index] = None if vector is None else vector.tolist()
+                if vector is None:
                     reasons[index] = result.errors[position]
         for index, reason in reasons.items():
             self.logger.warning(f"item {inputs[index].item_id}: no embedding: {reason}")
