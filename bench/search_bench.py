@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.clip.search import AnnIndex, Searcher, exact_search_batch, refresh_ann  # noqa: E402
-from adapters.clip.store import (ROWS_FILE, VECTORS_FILE, DB_FILE, IndexOptions, ModelBinding, Store,  # noqa: E402
-                                 index)
+from adapters.clip.indexing import IndexOptions, index  # noqa: E402
+from adapters.clip.store import DB_FILE, ROWS_FILE, VECTORS_FILE, ModelBinding, Store  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Search (`bench/search_bench.py`)"

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 
+from adapters.clip import indexing as indexing_module
 from adapters.clip import store as store_module
 from adapters.clip.embed import Embedder
 from adapters.clip.errors import InputError, ModelMismatchError, StoreError
 from adapters.clip.models import load_model, save_checkpoint
 from adapters.clip.search import Searcher
-from adapters.clip.store import (CURRENT, DB_FILE, MATRIX_STATE, ROWS_FILE, VECTORS_FILE, IndexOptions, ModelBinding,
-                                 Store, index, reindex)
+from adapters.clip.indexing import IndexOptions, index, reindex
+from adapters.clip.store import CURRENT, DB_FILE, MATRIX_STATE, ROWS_FILE, VECTORS_FILE, ModelBinding, Store
 from conftest import ROOT, pattern_image
 
 QUIET = dict(show_progress=False, ann="off")
@@ -88,8 +89,8 @@ def test_second_run_over_unchanged_folder_only_stats(photos, embedder, tmp_path,
     root = tmp_path / "store"
     index(root, embedder, [folder], IndexOptions(**QUIET))
     hashed, embedded = [], []
-    real_hash, real_iter = store_module.file_hash, embedder.iter_images
-    monkeypatch.setattr(store_module, "file_hash", lambda path: hashed.append(path) or real_hash(path))
+    real_hash, real_iter = indexing_module.file_hash, embedder.iter_images
+    monkeypatch.setattr(indexing_module, "file_hash", lambda path: hashed.append(path) or real_hash(path))
 
     def counting_iter(sources, *args, **kwargs):
         for batch in real_iter(sources, *args, **kwargs):
@@ -232,7 +233,7 @@ def test_sigkill_mid_index_keeps_committed_items_and_the_next_run_resumes(tmp_pa
         sys.path.insert(0, {str(ROOT)!r})
         from adapters.clip.embed import Embedder
         from adapters.clip.models import load_model
-        from adapters.clip.store import IndexOptions, index
+        from adapters.clip.indexing import IndexOptions, index
 
         def slowly(summary):
             print("committed", summary.added, flush=True)

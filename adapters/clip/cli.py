@@ -251,7 +251,7 @@ def add_index(sub) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from .embed import Embedder
     from .models import DEFAULT_MODEL, load_model
-    from .store import IndexOptions, index, reindex
+    from .indexing import IndexOptions, index, reindex
 
     if not args.paths and not args.reindex:
         raise UsageError("nothing to index: give image files or folders (or --reindex)")

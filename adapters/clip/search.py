@@ -31,7 +31,8 @@ import numpy as np
 
 from .errors import InputError
 from .files import write_json_atomic
-from .store import IMAGE_SUFFIXES, Condition, MatrixSnapshot, Store
+from .images import IMAGE_SUFFIXES
+from .store import Condition, MatrixSnapshot, Store
 
 if TYPE_CHECKING:
     from .embed import Embedder
