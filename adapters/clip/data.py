@@ -569,12 +569,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, _JsonError(f"not valid JSON ({exc})")
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _open_csv(path: Path, what: str):
+    """A CSV opened for csv.DictReader (a BOM from spreadsheet exports is dropped)."""
     try:
-        fh = open(path, "r", encoding="utf-8-sig", newline="")
+        return open(path, "r", encoding="utf-8-sig", newline="")
     except OSError as exc:
-        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    with fh:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_csv(path, "manifest") as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or [])
         missing = {"image", "caption"} - columns
@@ -708,11 +712,7 @@ def read_captions_csv(path: str | Path) -> dict[str, list[str]]:
     Several rows for one image give it several captions.
     """
     path = Path(path).expanduser()
-    try:
-        fh = open(path, "r", encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise DataError(f"cannot read captions CSV {path}: {exc.strerror or exc}") from None
-    with fh:
+    with _open_csv(path, "captions CSV") as fh:
         reader = csv.DictReader(fh)
         columns = {c.strip().lower(): c for c in reader.fieldnames or [] if c}
         image_col = next((columns[c] for c in ("image", "file", "filename", "path") if c in columns), None)
