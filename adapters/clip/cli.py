@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import ClipAdapterError
 from .images import IMAGE_SUFFIXES
+from .progress import progress_bar
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -62,11 +63,6 @@ def positive_int(text: str) -> int:
 def add_embedding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-
-
-def progress(total: Optional[int], desc: str, unit: str = "img"):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, dynamic_ncols=True)
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -133,7 +129,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size,
                         num_workers=args.workers)
     rows, parts = [], []
-    with progress(len(images) + len(args.text), "embedding") as bar:
+    with progress_bar(len(images) + len(args.text), "embedding") as bar:
         for kind, ids, stream in (("image", images, embedder.iter_images(images)),
                                   ("text", args.text, embedder.iter_texts(args.text))):
             for batch in stream:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .data import CaptionPair, DataProblem
 from .metrics import DEFAULT_KS, retrieval_metrics, zero_shot_accuracy
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def _preprocess_images(clip, images: list[Path], num_workers: int, show_progress
     from .embed import Embedder
 
     embedder = Embedder(clip, batch_size=max(1, len(images)), num_workers=num_workers)
-    bar = _progress(len(images), "eval images") if show_progress else None
+    bar = progress_bar(len(images), "eval images") if show_progress else None
     failures: dict[int, str] = {}
     tensors = []
     for index, prepared in enumerate(_prepared(embedder, images)):
@@ -249,8 +250,3 @@ def _preprocess_key(clip) -> str:
     return repr(sorted(cfg.items())) if cfg else f"transform-{id(clip.preprocess)}"
 
 
-def _progress(total: int, desc: str):
-    import sys
-
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, dynamic_ncols=True)

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 
+from .progress import progress_bar
 from .errors import InputError
 from .files import write_text_atomic
 from .images import IMAGE_SUFFIXES
 from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, HASH_BLOCK, REINDEX_PREFIX, FileStat, ItemRecord,
-                    ModelBinding, Scope, Store, Transaction, _progress, _read_current, writer_lock)
+                    ModelBinding, Scope, Store, Transaction, _read_current, writer_lock)
 
 if TYPE_CHECKING:
     from .embed import Embedder
@@ -337,7 +338,7 @@ class _IndexPass:
 
     def run(self) -> None:
         to_check = self._triage()
-        bar = _progress(len(to_check), "indexing", enabled=self.options.show_progress)
+        bar = progress_bar(len(to_check), "indexing", enabled=self.options.show_progress, leave=False)
         try:
             for batch in self.embedder.iter_images(self._new_content(to_check, bar),
                                                    batch_size=self.options.batch_size):

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import sqlite3
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .progress import progress_bar
 from .errors import InputError, ModelMismatchError, StoreError
 from .files import write_json_atomic, write_text_atomic
 
@@ -731,7 +731,7 @@ class Store:
             raise InputError(f"{len(paths)} paths for {len(vectors)} vectors")
         if not np.isfinite(vectors).all():
             raise InputError("vectors contain NaN or infinite values")
-        bar = _progress(len(paths), "loading vectors", enabled=progress)
+        bar = progress_bar(len(paths), "loading vectors", enabled=progress, leave=False)
         for start in range(0, len(paths), batch):
             stop = min(start + batch, len(paths))
             stats = [FileStat(os.path.abspath(paths[i]), 0, 0) for i in range(start, stop)]
@@ -940,7 +940,3 @@ class Scope:
     everything: bool = False
 
 
-def _progress(total: int, desc: str, enabled: bool = True):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=None if enabled else True, file=sys.stderr,
-                dynamic_ncols=True, leave=False)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .config import ClipConfig
 from .data import CaptionPair, PairSet
 from .embed import Embedder
+from .progress import progress_bar
 from .errors import CheckpointError, ConfigError, DataError, InputError
 from .images import load_image
 from .files import atomic_directory, atomic_path, write_json_atomic
@@ -152,7 +153,8 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
             break
         started = time.perf_counter()
         plan = sampler.plan(epoch)
-        with progress_bar(len(plan), f"epoch {epoch}/{config.num_epochs}", show_progress) as bar:
+        with progress_bar(len(plan), f"epoch {epoch}/{config.num_epochs}", unit="batch", enabled=show_progress,
+                          leave=False) as bar:
             stats = train_one_epoch(task, loader.iterate(plan), optimizer, scaler, schedule,
                                     first_step=state.step, grad_clip_norm=config.grad_clip_norm, bar=bar)
         if not stats.losses:
@@ -814,10 +816,6 @@ def append_metrics(path: Path, record: EpochRecord) -> None:
         fh.write(json.dumps(record.flat()) + "\n")
 
 
-def progress_bar(total: int, desc: str, show: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="batch", disable=None if show else True, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
 
 
 def report_epoch(record: EpochRecord, config: ClipConfig, show: bool) -> None:
