@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from adapters.clip.files import write_json_atomic
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
@@ -101,15 +103,10 @@ def write_prompt_export(root: Path, seed: int = 0) -> dict[str, int]:
                 "annotations": [{"id": f"a{prompt_id[1:]}", "type": "text", "label": "free-text",
                                  "coordinates": spec["caption"], "metadata": {"system": {"promptId": "1"}}}],
                 "annotationsCount": 1}
-        _write_json(root / subset / "items" / "shapes" / f"{name}.json", prompt)
-        _write_json(root / subset / "json" / "shapes" / f"{name}.json", item)
+        write_json_atomic(root / subset / "items" / "shapes" / f"{name}.json", prompt)
+        write_json_atomic(root / subset / "json" / "shapes" / f"{name}.json", item)
         counts[subset] = counts.get(subset, 0) + 1
     return counts
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data), encoding="utf-8")
 
 
 # ---- training through the adapter ----------------------------------------------------------

@@ -34,7 +34,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 from .errors import DataError
+from .files import write_json_atomic
 from .images import IMAGE_SUFFIXES
+from .items import prompt_order
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,7 @@ def prompt_image_ref(prompt_json: dict, prompt_id: Optional[str] = None) -> Opti
     prompts = prompt_json.get("prompts") if isinstance(prompt_json, dict) else None
     if not isinstance(prompts, dict):
         return None
-    keys = [prompt_id] if prompt_id is not None and prompt_id in prompts else sorted(prompts, key=_prompt_order)
+    keys = [prompt_id] if prompt_id is not None and prompt_id in prompts else sorted(prompts, key=prompt_order)
     for key in keys:
         for part in prompts.get(key) or []:
             if isinstance(part, dict) and str(part.get("mimetype", "")).lower().startswith("image/"):
@@ -247,10 +249,6 @@ def ref_item_id(ref: str) -> Optional[str]:
     if match:
         return match.group(1)
     return ref if _ITEM_ID.match(ref) else None
-
-
-def _prompt_order(key: str) -> tuple[int, str]:
-    return (int(key), key) if str(key).isdigit() else (1 << 30, str(key))
 
 
 class PromptImageResolver:
@@ -935,20 +933,15 @@ def write_export(pairs: Iterable[CaptionPair], root: str | Path, *, layout: str 
         item["annotationsCount"] = len(item["annotations"])
         subset_dir = root / subset
         if layout == "dtlpy":
-            _write_json(subset_dir / "items" / filename.lstrip("/"), prompt_item_json(DATALOOP_STREAM_URL.format(image_id)))
-            _write_json(subset_dir / "json" / filename.lstrip("/"), item)
+            write_json_atomic(subset_dir / "items" / filename.lstrip("/"), prompt_item_json(DATALOOP_STREAM_URL.format(image_id)))
+            write_json_atomic(subset_dir / "json" / filename.lstrip("/"), item)
             target = prompt_image_target(root, image_id, image.suffix)
         else:
-            _write_json(subset_dir / "images" / filename.lstrip("/"), prompt_item_json(DATALOOP_STREAM_URL.format(image_id)))
+            write_json_atomic(subset_dir / "images" / filename.lstrip("/"), prompt_item_json(DATALOOP_STREAM_URL.format(image_id)))
             exported[subset].append(item)
             target = (subset_dir / "images" / filename.lstrip("/")).with_suffix(image.suffix.lower())
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image, target)
     for subset, items in exported.items():
-        _write_json(root / subset / "json" / "export.json", items)
+        write_json_atomic(root / subset / "json" / "export.json", items)
     return root
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")

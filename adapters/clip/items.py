@@ -49,7 +49,7 @@ def prompt_texts(prompt: dict) -> list[str]:
     if not isinstance(prompts, dict):
         return []
     texts = []
-    for key in sorted(prompts, key=_prompt_order):
+    for key in sorted(prompts, key=prompt_order):
         for part in prompts[key] or []:
             if not isinstance(part, dict):
                 continue
@@ -61,19 +61,8 @@ def prompt_texts(prompt: dict) -> list[str]:
     return texts
 
 
-def prompt_image_refs(prompt: dict) -> list[str]:
-    """The image parts (stream URLs of other items) of a prompt item's JSON."""
-    prompts = prompt.get("prompts") if isinstance(prompt, dict) else None
-    refs = []
-    for key in sorted(prompts or {}, key=_prompt_order):
-        for part in prompts[key] or []:
-            if isinstance(part, dict) and str(part.get("mimetype", "")).lower().startswith("image/"):
-                if isinstance(part.get("value"), str):
-                    refs.append(part["value"])
-    return refs
-
-
-def _prompt_order(key: str) -> tuple[int, str]:
+def prompt_order(key: str) -> tuple[int, str]:
+    """Prompts are keyed "1", "2", ...: numeric order, other keys last."""
     return (int(key), key) if str(key).isdigit() else (1 << 30, str(key))
 
 
