@@ -211,7 +211,8 @@ class ClipAdapter(dl.BaseModelAdapter):
 
         from adapters.clip.data import load_pairs
         from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
-        from adapters.clip.train import BEST, LAST, WISE_FT, fit, load_weights_into
+        from adapters.clip.runs import BEST, LAST, WISE_FT
+        from adapters.clip.train import fit, load_weights_into
 
         self._require_loaded()
         settings = self.read_settings()

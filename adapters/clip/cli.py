@@ -591,7 +591,8 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_pairs
     from .reports import REPORT_MD, headline
-    from .train import LAST, RUN_STATE, fit
+    from .runs import LAST, RUN_STATE
+    from .train import fit
 
     config = config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
     out = Path(args.out)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .files import atomic_path, write_text_atomic
+from .runs import EpochRecord, FitResult
 
-if TYPE_CHECKING:  # only for annotations: train imports this module lazily
+if TYPE_CHECKING:  # annotations only
     from .config import ClipConfig
-    from .train import EpochRecord, FitResult
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -34,7 +34,7 @@ MAX_LISTED_PROBLEMS = 20
 
 
 # ---- curves --------------------------------------------------------------------------------
-def plot_curves(history: Sequence["EpochRecord"], path: Path, monitor: str = "mean_recall") -> Path:
+def plot_curves(history: Sequence[EpochRecord], path: Path, monitor: str = "mean_recall") -> Path:
     """Loss (train and validation) and validation recall per epoch; the best epoch marked."""
     import matplotlib
     matplotlib.use("Agg")
@@ -67,7 +67,7 @@ def plot_curves(history: Sequence["EpochRecord"], path: Path, monitor: str = "me
 
 
 # ---- the report ----------------------------------------------------------------------------
-def build_report(result: "FitResult", config: "ClipConfig", *, n_train: int, n_val: int,
+def build_report(result: FitResult, config: "ClipConfig", *, n_train: int, n_val: int,
                  problems: Sequence[Any] = ()) -> dict[str, Any]:
     history = result.history
     trained = [r for r in history if r.train_loss is not None]
@@ -94,7 +94,7 @@ def build_report(result: "FitResult", config: "ClipConfig", *, n_train: int, n_v
     }
 
 
-def write_report(run_dir: Path, result: "FitResult", config: "ClipConfig", *, n_train: int, n_val: int,
+def write_report(run_dir: Path, result: FitResult, config: "ClipConfig", *, n_train: int, n_val: int,
                  problems: Sequence[Any] = ()) -> dict[str, Any]:
     """report.json and report.md in `run_dir`; returns the JSON content."""
     report = build_report(result, config, n_train=n_train, n_val=n_val, problems=problems)

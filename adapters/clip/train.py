@@ -19,7 +19,6 @@ Recipe (why each piece is there: docs/fine-tuning.md):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -43,62 +42,19 @@ from .images import load_image
 from .files import atomic_directory, atomic_path, write_json_atomic
 from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict, save_checkpoint,
                      write_checkpoint_files)
+from .reports import CURVES_PNG, plot_curves, write_report
+from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, TRAINER_STATE, WISE_FT, EpochRecord, FitResult, RunState,
+                   append_metrics, check_resumable, numpy_rng_state, pairs_fingerprint, python_rng_state,
+                   rewrite_metrics_log, set_numpy_rng_state, set_python_rng_state)
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own clamp: temperature never below 0.01
 WISE_FT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-# Keys that may differ when resuming: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k"})
 # Parameters that are lookup tables, not linear maps: decoupled weight decay would shrink the rows
 # of tokens absent from the fine-tuning captions toward zero on every step (forgetting words).
 EMBEDDING_PARAMS = ("token_embedding", "positional_embedding", "class_embedding")
 PROGRESS_EVERY = 10  # steps between loss readings for the progress bar (each reading waits for the GPU)
-
-BEST, LAST, WISE_FT = "best", "last", "wise_ft"
-TRAINER_STATE = "trainer.pt"   # optimizer, scaler, torch RNG: tensors, loaded with weights_only=True
-RUN_STATE = "state.json"       # epoch, step, history, early stopping, python/numpy RNG
-METRICS_LOG = "metrics.jsonl"
-
-
-# ======================================================================================
-# What fit() returns and records
-# ======================================================================================
-@dataclass
-class EpochRecord:
-    """One line of metrics.jsonl. Epoch 0 is the starting model (no training yet)."""
-
-    epoch: int
-    step: int
-    val: dict[str, float]
-    train_loss: Optional[float] = None
-    lr: Optional[float] = None
-    grad_norm: Optional[float] = None   # mean pre-clipping gradient norm over the epoch
-    pairs_per_s: Optional[float] = None  # training throughput, validation excluded
-    seconds: float = 0.0
-    improved: bool = False
-    skipped_pairs: int = 0               # pairs whose image failed to load this epoch
-
-    def flat(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k != "val"}
-        row.update({f"val_{k}": v for k, v in self.val.items()})
-        return row
-
-
-@dataclass
-class FitResult:
-    clip: ClipModel                 # the final weights, loaded in place
-    run_dir: Path
-    model_dir: Path                 # checkpoint to use: wise_ft/ if WiSE-FT ran, else best/
-    best_epoch: int                 # 0 = no epoch beat the starting model
-    start_metrics: dict[str, float]
-    final_metrics: dict[str, float]
-    history: list[EpochRecord]
-    stopped_early: bool
-    wise_ft_alpha: Optional[float] = None
-    wise_ft_scores: dict[float, float] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-
 
 # ======================================================================================
 # The loop
@@ -236,8 +192,6 @@ def train_one_epoch(task: "ContrastiveTask", batches: Iterable["Batch"], optimiz
 def finish(config: ClipConfig, clip: ClipModel, run_dir: Path, state: "RunState", validate: "Validator",
            n_train: int, problems: list, start_weights: Optional[dict[str, torch.Tensor]]) -> FitResult:
     """Load the best weights, apply WiSE-FT if asked, write the report."""
-    from .reports import plot_curves, write_report
-
     best_record = next(r for r in reversed(state.history) if r.improved)
     load_weights_into(clip, read_state_dict(run_dir / BEST / CHECKPOINT_WEIGHTS))
     model_dir, final, alpha, scores = run_dir / BEST, best_record.val, None, {}
@@ -250,7 +204,7 @@ def finish(config: ClipConfig, clip: ClipModel, run_dir: Path, state: "RunState"
     result = FitResult(clip=clip, run_dir=run_dir, model_dir=model_dir, best_epoch=best_record.epoch,
                        start_metrics=state.history[0].val, final_metrics=final, history=state.history,
                        stopped_early=state.stopped_early, wise_ft_alpha=alpha, wise_ft_scores=scores)
-    plot_curves(state.history, run_dir / "curves.png", monitor=config.monitor)
+    plot_curves(state.history, run_dir / CURVES_PNG, monitor=config.monitor)
     result.report = write_report(run_dir, result, config, n_train=n_train, n_val=len(validate.pairs),
                                  problems=problems)
     return result
@@ -695,18 +649,6 @@ def apply_wise_ft(clip: ClipModel, config: ClipConfig, validate: Validator, star
 # ======================================================================================
 # Checkpoints: best/ (project format) and last/ (everything needed to resume)
 # ======================================================================================
-@dataclass
-class RunState:
-    config: dict[str, Any]
-    data_fingerprint: str
-    start_fingerprint: str
-    epoch: int = 0
-    step: int = 0
-    finished: bool = False
-    stopped_early: bool = False
-    history: list[EpochRecord] = field(default_factory=list)
-
-
 def save_best(clip: ClipModel, run_dir: Path, config: ClipConfig, record: EpochRecord, state: RunState) -> None:
     save_checkpoint(clip, run_dir / BEST, config=config.to_dict(), metrics=record.val,
                     extra={"training": {"epoch": record.epoch, "step": record.step, "monitor": config.monitor,
@@ -727,7 +669,7 @@ def save_last(directory: Path, state: RunState, task: ContrastiveTask, optimizer
             torch.save(trainer, trainer_file)
         run_state = {k: v for k, v in asdict(state).items() if k != "history"}
         run_state.update(history=[asdict(r) for r in state.history], early_stopping=stopper.state_dict(),
-                         python_rng=_python_rng_state(), numpy_rng=_numpy_rng_state())
+                         python_rng=python_rng_state(), numpy_rng=numpy_rng_state())
         write_json_atomic(tmp / RUN_STATE, run_state)
 
 
@@ -747,35 +689,12 @@ def restore_last(directory: Path, fresh: RunState, task: ContrastiveTask, optimi
     torch.set_rng_state(trainer["torch_rng"])
     if trainer["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    _set_python_rng_state(saved["python_rng"])
-    _set_numpy_rng_state(saved["numpy_rng"])
+    set_python_rng_state(saved["python_rng"])
+    set_numpy_rng_state(saved["numpy_rng"])
     fresh.epoch, fresh.step = int(saved["epoch"]), int(saved["step"])
     fresh.finished, fresh.stopped_early = bool(saved["finished"]), bool(saved["stopped_early"])
     fresh.history = [EpochRecord(**r) for r in saved["history"]]
     return fresh
-
-
-def check_resumable(saved: dict[str, Any], fresh: RunState, directory: Path) -> None:
-    changed = sorted(k for k in set(saved["config"]) | set(fresh.config)
-                     if k not in RESUMABLE_CHANGES and saved["config"].get(k) != fresh.config.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {fresh.config.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume {directory.parent}: the configuration changed ({details}); "
-                          f"restore it, or train into a new run directory")
-    if saved["data_fingerprint"] != fresh.data_fingerprint:
-        raise DataError(f"cannot resume {directory.parent}: the training/validation pairs are not the ones "
-                        f"this run started with; train into a new run directory")
-    if saved["start_fingerprint"] != fresh.start_fingerprint:
-        raise CheckpointError(f"cannot resume {directory.parent}: the starting model's weights differ from the "
-                              f"ones this run started from")
-
-
-def pairs_fingerprint(train: Sequence[CaptionPair], val: Sequence[CaptionPair]) -> str:
-    """Identifies the data by file names and captions (not absolute paths: the folder may move)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for pair in (*train, *val):
-        digest.update(f"{pair.subset}\t{Path(pair.image).name}\t{pair.caption}\n".encode())
-    return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -784,40 +703,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_python_rng_state(state: list) -> None:
-    random.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def _numpy_rng_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _set_numpy_rng_state(state: list) -> None:
-    np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4]))
-
-
 # ======================================================================================
 # Logging
 # ======================================================================================
-def rewrite_metrics_log(path: Path, history: Sequence[EpochRecord]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r.flat()) + "\n" for r in history), encoding="utf-8")
-    tmp.replace(path)
-
-
-def append_metrics(path: Path, record: EpochRecord) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record.flat()) + "\n")
-
-
-
-
 def report_epoch(record: EpochRecord, config: ClipConfig, show: bool) -> None:
     val = record.val
     line = (f"epoch {record.epoch}/{config.num_epochs}: train loss {record.train_loss:.4f}, val loss "

@@ -1,0 +1,139 @@
+"""A training run's folder: what `fit()` records in it and what resuming reads back.
+
+    run_dir/
+      best/            project checkpoint of the best epoch (loadable wherever a model name is)
+      last/            everything to resume exactly: weights, TRAINER_STATE, RUN_STATE
+      wise_ft/         the interpolated checkpoint, when WiSE-FT ran
+      metrics.jsonl    one EpochRecord per line (epoch 0 = the starting model)
+
+The training loop (train.py) writes these; the reports (reports.py) and the command line read
+them. Nothing here imports torch, so reading a run stays cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:  # annotations only: loading a model's module would pull in torch
+    from .models import ClipModel
+    from .data import CaptionPair
+
+BEST, LAST, WISE_FT = "best", "last", "wise_ft"
+TRAINER_STATE = "trainer.pt"   # optimizer, scaler, torch RNG: tensors, loaded with weights_only=True
+RUN_STATE = "state.json"       # epoch, step, history, early stopping, python/numpy RNG
+METRICS_LOG = "metrics.jsonl"
+# Keys that may differ when resuming: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k"})
+
+
+# ---- what fit() records and returns ---------------------------------------------------------
+@dataclass
+class EpochRecord:
+    """One line of metrics.jsonl. Epoch 0 is the starting model (no training yet)."""
+
+    epoch: int
+    step: int
+    val: dict[str, float]
+    train_loss: Optional[float] = None
+    lr: Optional[float] = None
+    grad_norm: Optional[float] = None   # mean pre-clipping gradient norm over the epoch
+    pairs_per_s: Optional[float] = None  # training throughput, validation excluded
+    seconds: float = 0.0
+    improved: bool = False
+    skipped_pairs: int = 0               # pairs whose image failed to load this epoch
+
+    def flat(self) -> dict[str, Any]:
+        row = {k: v for k, v in asdict(self).items() if k != "val"}
+        row.update({f"val_{k}": v for k, v in self.val.items()})
+        return row
+
+
+@dataclass
+class FitResult:
+    clip: "ClipModel"               # the final weights, loaded in place
+    run_dir: Path
+    model_dir: Path                 # checkpoint to use: wise_ft/ if WiSE-FT ran, else best/
+    best_epoch: int                 # 0 = no epoch beat the starting model
+    start_metrics: dict[str, float]
+    final_metrics: dict[str, float]
+    history: list[EpochRecord]
+    stopped_early: bool
+    wise_ft_alpha: Optional[float] = None
+    wise_ft_scores: dict[float, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- resume state --------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """The bookkeeping saved in last/RUN_STATE beside the weights and the trainer state."""
+
+    config: dict[str, Any]
+    data_fingerprint: str
+    start_fingerprint: str
+    epoch: int = 0
+    step: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def check_resumable(saved: dict[str, Any], fresh: RunState, directory: Path) -> None:
+    changed = sorted(k for k in set(saved["config"]) | set(fresh.config)
+                     if k not in RESUMABLE_CHANGES and saved["config"].get(k) != fresh.config.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {fresh.config.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {directory.parent}: the configuration changed ({details}); "
+                          f"restore it, or train into a new run directory")
+    if saved["data_fingerprint"] != fresh.data_fingerprint:
+        raise DataError(f"cannot resume {directory.parent}: the training/validation pairs are not the ones "
+                        f"this run started with; train into a new run directory")
+    if saved["start_fingerprint"] != fresh.start_fingerprint:
+        raise CheckpointError(f"cannot resume {directory.parent}: the starting model's weights differ from the "
+                              f"ones this run started from")
+
+
+def pairs_fingerprint(train: Sequence["CaptionPair"], val: Sequence["CaptionPair"]) -> str:
+    """Identifies the data by file names and captions (not absolute paths: the folder may move)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for pair in (*train, *val):
+        digest.update(f"{pair.subset}\t{Path(pair.image).name}\t{pair.caption}\n".encode())
+    return digest.hexdigest()
+
+
+def python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_rng_state(state: list) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def set_numpy_rng_state(state: list) -> None:
+    np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4]))
+
+
+# ---- metrics.jsonl -------------------------------------------------------------------------
+def rewrite_metrics_log(path: Path, history: Sequence[EpochRecord]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r.flat()) + "\n" for r in history), encoding="utf-8")
+    tmp.replace(path)
+
+
+def append_metrics(path: Path, record: EpochRecord) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record.flat()) + "\n")
