@@ -48,3 +48,30 @@ def pattern_image(seed: int, size=(64, 64)) -> Image.Image:
     """A deterministic image with structure (embeddings of flat colours are too alike)."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# ---- the fake Dataloop platform (tests/fake_dataloop, docs/platform-tests.md) --------------------
+@pytest.fixture(scope="session")
+def fake_dataloop_server():
+    """One fake gate per test session, on 127.0.0.1; dtlpy is pointed at it by the `platform` fixture."""
+    from fake_dataloop import FakeDataloopServer
+
+    server = FakeDataloopServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def platform(fake_dataloop_server, monkeypatch, tmp_path):
+    """An empty fake platform with dtlpy logged in to it. Yields its state (seed it, then assert on it).
+
+    The test fails if dtlpy called an endpoint the fake does not implement. The working directory is
+    the test's tmp folder: dtlpy's train_model writes to the relative path 'tmp/<model id>'.
+    """
+    from fake_dataloop import connect_dtlpy
+
+    state = fake_dataloop_server.reset()
+    connect_dtlpy(fake_dataloop_server.url)
+    monkeypatch.chdir(tmp_path)
+    yield state
+    assert not state.unimplemented, f"dtlpy called endpoints the fake platform lacks: {state.unimplemented}"

@@ -1,0 +1,564 @@
+"""A small stateful fake of the Dataloop gate (REST API), served over real HTTP on 127.0.0.1.
+
+dtlpy talks to it exactly as to the platform (requests and aiohttp, its own retries, uploads and
+downloads); only the server is fake. Each route is one method here, listed in ROUTES; a request
+that matches none is answered 400 "not implemented by the fake platform", logged with its method
+and path, and recorded in `state.unimplemented` (the fixture fails the test on it), so a gap
+shows up as a clear failure, never as silently wrong data. docs/platform-tests.md lists the routes.
+"""
+from __future__ import annotations
+
+import copy
+import email.parser
+import email.policy
+import io
+import json
+import logging
+import re
+import threading
+import traceback
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from . import dql
+from .state import PlatformState, now_iso
+
+log = logging.getLogger("fake_dataloop")
+API_PREFIX = "/api/v1"
+
+
+class Reply:
+    """What a route answers: JSON (dict/list) or raw bytes, with a status."""
+
+    def __init__(self, body: Any = None, status: int = 200, content_type: Optional[str] = None):
+        self.status = status
+        if isinstance(body, (bytes, bytearray)):
+            self.data, self.content_type = bytes(body), content_type or "application/octet-stream"
+        else:
+            self.data, self.content_type = json.dumps(body).encode(), "application/json"
+
+
+def error(status: int, message: str) -> Reply:
+    return Reply({"status": status, "message": message, "error": message}, status=status)
+
+
+class Request:
+    def __init__(self, method: str, path: str, query: dict, headers, body: bytes, match: re.Match):
+        self.method, self.path, self.query, self.headers, self.body, self.match = \
+            method, path, query, headers, body, match
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+    def arg(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        return self.query.get(name, [default])[0]
+
+    def form(self) -> dict[str, Any]:
+        """multipart/form-data fields: str for text fields, (filename, bytes) for files."""
+        head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + self.body)
+        fields: dict[str, Any] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True) or b""
+            filename = part.get_filename()
+            fields[name] = (filename, payload) if filename is not None else payload.decode()
+        return fields
+
+
+Route = tuple[str, re.Pattern, Callable[["FakeGate", Request], Reply]]
+ROUTES: list[tuple[str, str, str]] = []  # (method, path regex, handler name); filled by @route
+
+
+def route(method: str, pattern: str):
+    def register(handler):
+        ROUTES.append((method, pattern, handler.__name__))
+        return handler
+    return register
+
+
+ID = r"([0-9a-zA-Z_-]+)"
+
+
+class FakeGate:
+    """The routes. `state` is the platform's content; handlers run in the server's threads."""
+
+    def __init__(self, state: PlatformState):
+        self.state = state
+        self.routes: list[Route] = [(m, re.compile(p + r"$"), getattr(FakeGate, h)) for m, p, h in ROUTES]
+
+    def handle(self, method: str, raw_path: str, headers, body: bytes) -> Reply:
+        parts = urlsplit(raw_path)
+        path = parts.path[len(API_PREFIX):] if parts.path.startswith(API_PREFIX) else parts.path
+        query = parse_qs(parts.query)
+        with self.state.lock:
+            self.state.requests.append(f"{method} {path}")
+        for route_method, pattern, handler in self.routes:
+            match = pattern.match(path)
+            if route_method == method and match:
+                try:
+                    return handler(self, Request(method, path, query, headers, body, match))
+                except KeyError as exc:
+                    return error(404, f"not found: {exc}")
+                except dql.UnsupportedQuery as exc:
+                    return self._unimplemented(method, path, str(exc))
+        return self._unimplemented(method, path, "no such route")
+
+    def _unimplemented(self, method: str, path: str, why: str) -> Reply:
+        entry = f"{method} {path} ({why})"
+        log.error("fake Dataloop: not implemented: %s", entry)
+        with self.state.lock:
+            self.state.unimplemented.append(entry)
+        return error(400, f"not implemented by the fake platform: {entry}")
+
+    # ---- users, projects --------------------------------------------------------------------
+    @route("GET", "/users/me")
+    def get_me(self, request: Request) -> Reply:
+        return Reply(self.state.user)
+
+    @route("GET", f"/projects/{ID}")
+    def get_project(self, request: Request) -> Reply:
+        return Reply(self.state.projects[request.match[1]])
+
+    # ---- datasets ----------------------------------------------------------------------------
+    @route("GET", f"/datasets/{ID}")
+    def get_dataset(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.datasets[request.match[1]])
+
+    @route("POST", "/datasets/query")
+    def query_datasets(self, request: Request) -> Reply:
+        query = request.json() or {}
+        project_ids = request.query.get("projects", [])
+        with self.state.lock:
+            datasets = [d for d in self.state.datasets.values()
+                        if (not project_ids or set(project_ids) & set(d["projects"]))
+                        and dql.matches(d, query.get("filter"))]
+        return Reply(dql.page(dql.sort_documents(datasets, query.get("sort")), int(query.get("page", 0)),
+                              int(query.get("pageSize", 1000))))
+
+    @route("GET", "/datasets")
+    def list_datasets(self, request: Request) -> Reply:
+        project_ids = request.query.get("projects", [])
+        name = request.arg("name")
+        with self.state.lock:
+            return Reply([d for d in self.state.datasets.values()
+                          if (not project_ids or set(project_ids) & set(d["projects"]))
+                          and (name is None or d["name"] == name)])
+
+    @route("POST", f"/datasets/{ID}/query")
+    def query_dataset(self, request: Request) -> Reply:
+        """Items or annotations of a dataset by DQL: list (paged), `delete: true` or `update`."""
+        dataset_id, query = request.match[1], request.json() or {}
+        resource = query.get("resource", "items")
+        with self.state.lock:
+            if resource == "annotations":
+                found = self.state.query_annotations(dataset_id, query)
+                if query.get("delete"):
+                    self.state.delete_annotations([a["id"] for a in found])
+                    return Reply({"deleted": len(found)})
+            elif resource == "items":
+                found = [self.state.item_document(i["id"]) for i in self.state.query_items(dataset_id, query)]
+                if query.get("delete") or query.get("update"):
+                    raise dql.UnsupportedQuery("bulk item delete/update")
+            else:
+                raise dql.UnsupportedQuery(f"query of resource {resource!r}")
+            return Reply(dql.page(copy.deepcopy(found), int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+
+    @route("POST", f"/datasets/{ID}/items")
+    def upload_item(self, request: Request) -> Reply:
+        """dtlpy's uploader: multipart with `file`, `path` (remote path), `type`, `metadata`, `description`."""
+        dataset_id, form = request.match[1], request.form()
+        if "file" not in form:
+            raise dql.UnsupportedQuery("item upload without a file part (links, bulk JSON)")
+        filename, data = form["file"]
+        path = form.get("path") or "/" + filename
+        metadata = json.loads(form["metadata"]) if form.get("metadata") else {}
+        mode = request.arg("mode", "skip")
+        with self.state.lock:
+            existing = next((i for i in self.state.items.values()
+                             if i["datasetId"] == dataset_id and i["filename"] == "/" + path.lstrip("/")), None)
+            if existing is not None and mode == "skip":
+                return Reply(self.state.item_document(existing["id"]))
+            if existing is not None:  # overwrite: same item, new binary and metadata
+                self.state.binaries[existing["id"]] = data
+                existing["metadata"]["system"]["size"] = len(data)
+                self._merge_metadata(existing, metadata)
+                if form.get("description") is not None:
+                    existing["description"] = form["description"]
+                return Reply(self.state.item_document(existing["id"]))
+            system = metadata.pop("system", {})
+            mimetype = system.get("mimetype")
+            item = self.state.add_item(dataset_id, path, data, mimetype=mimetype, metadata=metadata,
+                                       description=form.get("description"),
+                                       shebang=system.pop("shebang", None))
+            item["metadata"]["system"].update(system)
+            return Reply(self.state.item_document(item["id"]))
+
+    @staticmethod
+    def _merge_metadata(item: dict, metadata: dict) -> None:
+        for key, value in metadata.items():
+            if isinstance(value, dict) and isinstance(item["metadata"].get(key), dict):
+                item["metadata"][key].update(value)
+            else:
+                item["metadata"][key] = value
+
+    @route("POST", f"/datasets/{ID}/export")
+    def export_dataset(self, request: Request) -> Reply:
+        """An export, finished at once: a command whose output item is the export file.
+
+        exportType 'json': one JSON file, a list of exported items (dtlpy's `_export_recursive`).
+        Otherwise (the classic export): a zip with one `<dir>/<name>.json` per item.
+        Each exported item is the item JSON with `annotations` (filtered by `annotationsQuery`).
+        """
+        dataset_id, payload = request.match[1], request.json() or {}
+        items_query = payload.get("itemsQuery") or {"filter": {"$and": [{"hidden": False}, {"type": "file"}]}}
+        include = (payload.get("annotations") or {}).get("include", True)
+        annotation_query = payload.get("annotationsQuery")
+        with self.state.lock:
+            documents = [self.state.export_document(i, annotation_query)
+                         for i in self.state.query_items(dataset_id, items_query)]
+            if not include:
+                for document in documents:
+                    document.pop("annotations")
+            project_id = self.state.datasets[dataset_id]["projects"][0]
+            binaries = self.state.binaries_dataset(project_id)
+            command_id = self.state.new_id()
+            if payload.get("exportType") == "json":
+                data, name = json.dumps(documents).encode(), f"{command_id}.json"
+            else:
+                data, name = self._export_zip(documents, payload.get("exportVersion", "V1")), f"{command_id}.zip"
+            output = self.state.add_item(binaries["id"], f"/.dataloop/exports/{name}", data, hidden=True)
+            return Reply(self._command(command_id, "ExportDataset", {"outputItemId": output["id"]}))
+
+    @staticmethod
+    def _export_zip(documents: list[dict], export_version: str) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for document in documents:
+                path = document["filename"].lstrip("/")
+                stem = path if export_version == "V2" else path.rsplit(".", 1)[0]
+                archive.writestr(stem + ".json", json.dumps(document))
+        return buffer.getvalue()
+
+    def _command(self, command_id: str, kind: str, spec: dict) -> dict:
+        command = {"id": command_id, "url": f"{self.state.base_url}/commands/{command_id}", "status": "success",
+                   "type": kind, "spec": spec, "progress": 100, "createdAt": now_iso(), "updatedAt": now_iso(),
+                   "creator": self.state.user["email"], "error": None}
+        self.state.commands[command_id] = command
+        return command
+
+    @route("GET", f"/commands/{ID}")
+    def get_command(self, request: Request) -> Reply:
+        return Reply(self.state.commands[request.match[1]])
+
+    # ---- items -------------------------------------------------------------------------------
+    @route("GET", f"/items/{ID}")
+    def get_item(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.item_document(request.match[1]))
+
+    @route("GET", f"/items/{ID}/stream")
+    def stream_item(self, request: Request) -> Reply:
+        with self.state.lock:
+            item = self.state.items[request.match[1]]
+            return Reply(self.state.binaries[item["id"]], content_type=item["metadata"]["system"]["mimetype"])
+
+    @route("PATCH", f"/items/{ID}")
+    def update_item(self, request: Request) -> Reply:
+        with self.state.lock:
+            item = self.state.items[request.match[1]]
+            change = request.json() or {}
+            for key in ("metadata", "description", "name", "filename", "dir"):
+                if key in change:
+                    item[key] = copy.deepcopy(change[key])
+            return Reply(self.state.item_document(item["id"]))
+
+    @route("DELETE", f"/items/{ID}")
+    def delete_item(self, request: Request) -> Reply:
+        with self.state.lock:
+            item = self.state.items.pop(request.match[1])
+            self.state.binaries.pop(item["id"], None)
+            self.state.delete_annotations([a["id"] for a in self.state.annotations.values()
+                                           if a["itemId"] == item["id"]])
+            self.state.datasets[item["datasetId"]]["itemsCount"] -= 1
+            return Reply({"deleted": True})
+
+    # ---- annotations -------------------------------------------------------------------------
+    @route("GET", f"/items/{ID}/annotations")
+    def list_item_annotations(self, request: Request) -> Reply:
+        self.state.items[request.match[1]]  # 404 for an unknown item
+        return Reply(sorted(self.state.item_annotations(request.match[1]), key=lambda a: a["id"]))
+
+    @route("POST", f"/items/{ID}/annotations")
+    def upload_annotations(self, request: Request) -> Reply:
+        item_id, body = request.match[1], request.json()
+        created = []
+        with self.state.lock:
+            for annotation in body if isinstance(body, list) else [body]:
+                fields = {k: v for k, v in annotation.items()
+                          if k not in ("type", "label", "coordinates", "metadata", "id", "itemId", "datasetId")}
+                created.append(self.state.add_annotation(item_id, annotation["type"], annotation.get("label"),
+                                                         annotation.get("coordinates"),
+                                                         annotation.get("metadata"), **fields))
+        return Reply(created)
+
+    @route("GET", f"/annotations/{ID}")
+    def get_annotation(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.annotations[request.match[1]])
+
+    @route("DELETE", f"/annotations/{ID}")
+    def delete_annotation(self, request: Request) -> Reply:
+        with self.state.lock:
+            self.state.delete_annotations([request.match[1]])
+        return Reply({"deleted": True})
+
+    # ---- feature sets and vectors ------------------------------------------------------------
+    @route("POST", "/features/sets/query")
+    def query_feature_sets(self, request: Request) -> Reply:
+        query = request.json() or {}
+        with self.state.lock:
+            found = [f for f in self.state.feature_sets.values() if dql.matches(f, query.get("filter"))]
+        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
+                              int(query.get("pageSize", 1000))))
+
+    @route("POST", "/features/sets")
+    def create_feature_set(self, request: Request) -> Reply:
+        payload = request.json()
+        with self.state.lock:
+            feature_set_id = self.state.new_id()
+            feature_set = {"id": feature_set_id, "name": payload["name"], "size": payload["size"],
+                           "type": payload.get("type"), "entityType": payload.get("entityType"),
+                           "project": payload.get("project"), "modelId": payload.get("modelId"),
+                           "tags": payload.get("tags", []), "org": payload.get("org"),
+                           "createdAt": now_iso(), "updatedAt": now_iso(), "creator": self.state.user["email"],
+                           "url": f"{self.state.base_url}/features/sets/{feature_set_id}"}
+            self.state.feature_sets[feature_set_id] = feature_set
+            return Reply([feature_set])  # the gate answers a list
+
+    @route("GET", f"/features/sets/{ID}")
+    def get_feature_set(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.feature_sets[request.match[1]])
+
+    @route("POST", "/features/vectors")
+    def create_feature_vectors(self, request: Request) -> Reply:
+        """A list of {entityId, value, featureSetId, project, datasetId}; one vector per item and set
+        (a new one replaces the old, as re-embedding does on the platform). 400 on a wrong size."""
+        body = request.json()
+        created = []
+        with self.state.lock:
+            for entry in body if isinstance(body, list) else [body]:
+                feature_set = self.state.feature_sets[entry["featureSetId"]]
+                if len(entry["value"]) != feature_set["size"]:
+                    return error(400, f"vector of size {len(entry['value'])} in feature set of size "
+                                      f"{feature_set['size']}")
+                for old in [f["id"] for f in self.state.features.values()
+                            if f["featureSetId"] == entry["featureSetId"] and f["entityId"] == entry["entityId"]]:
+                    del self.state.features[old]
+                feature_id = self.state.new_id()
+                feature = {"id": feature_id, "entityId": entry["entityId"], "value": entry["value"],
+                           "featureSetId": entry["featureSetId"], "project": entry.get("project"),
+                           "datasetId": entry.get("datasetId"), "createdAt": now_iso(),
+                           "creator": self.state.user["email"], "version": entry.get("version"),
+                           "parentId": entry.get("parentId"), "org": entry.get("org"),
+                           "url": f"{self.state.base_url}/features/vectors/{feature_id}"}
+                self.state.features[feature_id] = feature
+                created.append(feature)
+        return Reply(created)
+
+    @route("POST", "/features/vectors/query")
+    def query_feature_vectors(self, request: Request) -> Reply:
+        query = request.json() or {}
+        with self.state.lock:
+            found = [f for f in self.state.features.values() if dql.matches(f, query.get("filter"))]
+        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
+                              int(query.get("pageSize", 1000))))
+
+    # ---- models, metrics ---------------------------------------------------------------------
+    @route("GET", f"/ml/models/{ID}")
+    def get_model(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.models[request.match[1]])
+
+    @route("PATCH", f"/ml/models/{ID}")
+    def update_model(self, request: Request) -> Reply:
+        """model.update(): the fields a client may change; status changes are logged in statusLogs."""
+        with self.state.lock:
+            model = self.state.models[request.match[1]]
+            change = request.json() or {}
+            for key in ("name", "description", "configuration", "metadata", "labels", "tags", "status",
+                        "artifacts", "inputType", "outputType", "datasetId"):
+                if key in change:
+                    if key == "status" and change[key] != model["status"]:
+                        model["statusLogs"].append({"status": change[key], "createdAt": now_iso()})
+                    model[key] = copy.deepcopy(change[key])
+            model["updatedAt"] = now_iso()
+            return Reply(model)
+
+    @route("POST", "/ml/models/query")
+    def query_models(self, request: Request) -> Reply:
+        query = request.json() or {}
+        with self.state.lock:
+            found = [m for m in self.state.models.values() if dql.matches(m, query.get("filter"))]
+        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
+                              int(query.get("pageSize", 1000))))
+
+    @route("POST", "/ml/metrics/publish")
+    def publish_metrics(self, request: Request) -> Reply:
+        body = request.json()
+        with self.state.lock:
+            for sample in body if isinstance(body, list) else [body]:
+                self.state.metrics.append(copy.deepcopy(sample))
+        return Reply(body)
+
+    @route("POST", "/ml/metrics/query")
+    def query_metrics(self, request: Request) -> Reply:
+        query = request.json() or {}
+        with self.state.lock:
+            found = [m for m in self.state.metrics if dql.matches(m, query.get("filter"))]
+        return Reply(dql.page(found, int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+
+    @route("POST", f"/ml/models/{ID}/embed")
+    def model_embed(self, request: Request) -> Reply:
+        return self._model_execution(request, "embed")
+
+    @route("POST", f"/ml/models/{ID}/predict")
+    def model_predict(self, request: Request) -> Reply:
+        return self._model_execution(request, "predict")
+
+    def _model_execution(self, request: Request, operation: str) -> Reply:
+        """`/ml/models/<id>/embed|predict`: an execution of the model's service; with a dataset, of its
+        `<operation>_dataset` function on {dataset, filters}, else of `<operation>_items` on the items.
+
+        The fake runs it before answering, through `state.execution_runner` (what the deployed
+        service does with it); the answer is the finished execution.
+        """
+        model_id, payload = request.match[1], request.json()
+        inputs = payload.get("input", {})
+        if "datasetId" in inputs:
+            function_name = f"{operation}_dataset"
+            execution_input = {"dataset": {"dataset_id": inputs["datasetId"]},
+                               "filters": {"filter": inputs.get("datasetQuery") or {}}}
+        else:
+            function_name = f"{operation}_items"
+            execution_input = {"items": [{"item_id": i} for i in inputs.get("itemIds", [])]}
+        with self.state.lock:
+            model = self.state.models[model_id]
+            execution_id = self.state.new_id()
+            execution = {"id": execution_id, "projectId": model["projectId"],
+                         "serviceId": payload.get("config", {}).get("serviceId"), "functionName": function_name,
+                         "input": execution_input, "modelId": model_id, "createdAt": now_iso(),
+                         "updatedAt": now_iso(), "creator": self.state.user["email"], "attempts": 1,
+                         "latestStatus": {"status": "created", "percentComplete": 0, "timestamp": now_iso()},
+                         "statusLog": [], "url": f"{self.state.base_url}/executions/{execution_id}",
+                         "serviceName": "clip-service", "packageName": "clip", "packageId": None,
+                         "output": None, "duration": None}
+            self.state.executions[execution_id] = execution
+        self._run_execution(execution)
+        with self.state.lock:
+            return Reply(copy.deepcopy(execution))
+
+    def _run_execution(self, execution: dict) -> None:
+        def set_status(status: str, percent: int, message: Optional[str] = None) -> None:
+            with self.state.lock:
+                execution["latestStatus"] = {"status": status, "percentComplete": percent,
+                                             "timestamp": now_iso(), "message": message}
+                execution["statusLog"].append(execution["latestStatus"])
+
+        runner = self.state.execution_runner
+        if runner is None:
+            set_status("failed", 0, "no service is deployed for this model (FakeDataloop.on_execution)")
+            return
+        set_status("in-progress", 0)
+        try:
+            runner(copy.deepcopy(execution))
+        except Exception as exc:  # noqa: BLE001 - an execution fails; the platform records why
+            log.warning("fake Dataloop: execution %s failed: %s", execution["id"], traceback.format_exc())
+            set_status("failed", 0, f"{type(exc).__name__}: {exc}")
+        else:
+            set_status("success", 100)
+
+    # ---- executions --------------------------------------------------------------------------
+    @route("GET", f"/executions/{ID}")
+    def get_execution(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.executions[request.match[1]])
+
+    @route("POST", "/query/faas")
+    def query_faas(self, request: Request) -> Reply:
+        query = request.json() or {}
+        if query.get("resource") != "executions":
+            raise dql.UnsupportedQuery(f"FaaS query of resource {query.get('resource')!r}")
+        with self.state.lock:
+            found = [e for e in self.state.executions.values() if dql.matches(e, query.get("filter"))]
+        return Reply(dql.page(copy.deepcopy(found), int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    gate: FakeGate  # set on the subclass made per server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        log.debug("fake Dataloop: " + format, *args)
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _serve(self) -> None:
+        try:
+            reply = self.gate.handle(self.command, self.path, self.headers, self._body())
+        except Exception:  # noqa: BLE001 - a bug in the fake: answer 500 with the traceback
+            log.exception("fake Dataloop: error in %s %s", self.command, self.path)
+            reply = error(500, "fake platform error:\n" + traceback.format_exc())
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.data)))
+        self.send_header("x-request-id", "fake")
+        self.end_headers()
+        self.wfile.write(reply.data)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+
+class FakeDataloopServer:
+    """The HTTP server in a daemon thread. `url` is dtlpy's environment (`http://127.0.0.1:<port>/api/v1`)."""
+
+    def __init__(self):
+        self.state = PlatformState()
+        handler = type("Handler", (_Handler,), {"gate": FakeGate(self.state)})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{API_PREFIX}"
+        self.state.base_url = self.url
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="fake-dataloop", daemon=True)
+
+    def start(self) -> "FakeDataloopServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reset(self) -> PlatformState:
+        """A fresh, empty platform on the same address (the gate's handlers read `state` live)."""
+        fresh = PlatformState(self.url)
+        gate = self.httpd.RequestHandlerClass.gate
+        gate.state = fresh
+        self.state = fresh
+        return fresh

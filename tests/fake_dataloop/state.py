@@ -1,0 +1,247 @@
+"""What the fake platform holds: plain JSON documents (as the gate returns them) and item binaries.
+
+Tests seed it directly (`add_project`, `add_dataset`, `add_item`, `add_annotation`, `add_model`)
+and read it back to assert what a flow left on the "platform". Every mutation runs under one lock:
+dtlpy calls the server from many threads at once.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import mimetypes
+import threading
+from typing import Any, Callable, Optional
+
+from . import dql
+
+# Ids are 24 hex digits, like the platform's ObjectIds, and increase with creation: dtlpy splits
+# datasets by id ranges (Filters._get_split_filters), so they must sort and bisect like the real ones.
+# They keep increasing across resets, so no two tests in a session share an id (or a name built from one).
+_ID_BASE = 0x65F000000000000000000000
+_NEXT_ID = itertools.count(1)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class PlatformState:
+    def __init__(self, base_url: str = "http://127.0.0.1/api/v1"):
+        self.base_url = base_url
+        self.lock = threading.RLock()
+        self.projects: dict[str, dict] = {}
+        self.datasets: dict[str, dict] = {}
+        self.items: dict[str, dict] = {}
+        self.binaries: dict[str, bytes] = {}
+        self.annotations: dict[str, dict] = {}
+        self.feature_sets: dict[str, dict] = {}
+        self.features: dict[str, dict] = {}
+        self.models: dict[str, dict] = {}
+        self.metrics: list[dict] = []
+        self.executions: dict[str, dict] = {}
+        self.commands: dict[str, dict] = {}
+        self.services: dict[str, dict] = {}
+        self.requests: list[str] = []          # "METHOD /path" of every request, in order
+        self.unimplemented: list[str] = []     # requests the fake has no route for
+        # What a deployed model service does with an execution (see FakeDataloop.on_execution).
+        self.execution_runner: Optional[Callable[[dict], Any]] = None
+        self.user = {"id": "tester@example.com", "email": "tester@example.com", "username": "tester"}
+
+    def new_id(self) -> str:
+        return f"{_ID_BASE + next(_NEXT_ID):024x}"
+
+    # ---- seeding (what exists on the platform before a flow runs) ---------------------------
+    def add_project(self, name: str = "clip-project") -> dict:
+        with self.lock:
+            project_id = self.new_id()
+            project = {"id": project_id, "name": name, "createdAt": now_iso(), "creator": self.user["email"],
+                       "role": "owner", "account": "account-1", "isBlocked": False, "org": {"id": "org-1"},
+                       "url": f"{self.base_url}/projects/{project_id}"}
+            self.projects[project_id] = project
+            self.add_dataset(project_id, "Binaries", system=True)  # where artifacts live
+            return project
+
+    def add_dataset(self, project_id: str, name: str, system: bool = False) -> dict:
+        with self.lock:
+            dataset_id = self.new_id()
+            dataset = {"id": dataset_id, "name": name, "projects": [project_id], "createdAt": now_iso(),
+                       "creator": self.user["email"], "driver": "dataloop-driver", "itemsCount": 0,
+                       "annotated": 0, "readableType": "dataset", "accessLevel": "owner", "export": {},
+                       "metadata": {"system": {"scope": "system"}} if system else {"system": {}},
+                       "url": f"{self.base_url}/datasets/{dataset_id}",
+                       "items_url": f"{self.base_url}/datasets/{dataset_id}/items",
+                       "expirationOptions": None, "indexDriver": "v2", "enableSyncWithCloned": False}
+            self.datasets[dataset_id] = dataset
+            return dataset
+
+    def add_item(self, dataset_id: str, filename: str, data: bytes, mimetype: Optional[str] = None,
+                 metadata: Optional[dict] = None, description: Optional[str] = None,
+                 shebang: Optional[dict] = None, hidden: bool = False) -> dict:
+        """An item with its binary; `filename` is the remote path ('/dir/name.png')."""
+        with self.lock:
+            filename = "/" + filename.lstrip("/")
+            directory, _, name = filename.rpartition("/")
+            item_id = self.new_id()
+            mimetype = mimetype or mimetypes.guess_type(name)[0] or "application/octet-stream"
+            system = {"originalname": name, "size": len(data), "encoding": "7bit", "mimetype": mimetype,
+                      "refs": [], "isBinary": not mimetype.startswith("text/")}
+            if shebang is not None:
+                system["shebang"] = shebang
+            if description is not None:
+                system["description"] = description
+            user_metadata = copy.deepcopy(metadata or {})
+            system.update(user_metadata.pop("system", {}))
+            item = {"id": item_id, "datasetId": dataset_id, "createdAt": now_iso(), "creator": self.user["email"],
+                    "dir": directory or "/", "filename": filename, "name": name, "type": "file",
+                    "hidden": hidden, "metadata": {"system": system, **user_metadata},
+                    "annotated": False, "annotationsCount": 0, "description": description,
+                    "url": f"{self.base_url}/items/{item_id}",
+                    "stream": f"{self.base_url}/items/{item_id}/stream",
+                    "thumbnail": f"{self.base_url}/items/{item_id}/thumbnail"}
+            self.items[item_id] = item
+            self.binaries[item_id] = data
+            self.datasets[dataset_id]["itemsCount"] += 1
+            return item
+
+    def add_annotation(self, item_id: str, type: str, label: str, coordinates: Any = None,
+                       metadata: Optional[dict] = None, **fields) -> dict:
+        with self.lock:
+            item = self.items[item_id]
+            annotation_id = self.new_id()
+            annotation = {"id": annotation_id, "itemId": item_id, "datasetId": item["datasetId"],
+                          "type": type, "label": label, "coordinates": coordinates, "attributes": [],
+                          "metadata": copy.deepcopy(metadata or {}), "creator": self.user["email"],
+                          "createdAt": now_iso(), "updatedAt": now_iso(), "updatedBy": self.user["email"],
+                          "url": f"{self.base_url}/annotations/{annotation_id}",
+                          "item": f"{self.base_url}/items/{item_id}", "dataset": None, "hash": None,
+                          "source": "ui", **fields}
+            annotation["metadata"].setdefault("system", {})
+            self.annotations[annotation_id] = annotation
+            self._recount(item_id)
+            return annotation
+
+    def add_prompt_item(self, dataset_id: str, filename: str, image_item_id: str, caption: Optional[str] = None,
+                        subset: Optional[str] = None) -> dict:
+        """A prompt item as the platform stores one: a JSON file whose prompt is an image (by its stream
+        URL) and, if given, the caption as a `free-text` text annotation with `promptId` '1'.
+        `subset` sets the ML-subset tag (`metadata.system.tags.<subset>: true`)."""
+        prompt = {"shebang": "dataloop", "metadata": {"dltype": "prompt"},
+                  "prompts": {"1": [{"mimetype": "image/*", "value": self.items[image_item_id]["stream"]},
+                                    {"mimetype": "metadata", "value": {"role": "user"}}]}}
+        metadata = {"system": {"tags": {subset: True}}} if subset else None
+        item = self.add_item(dataset_id, filename, json.dumps(prompt).encode(), "application/json",
+                             metadata=metadata, shebang={"dltype": "prompt"})
+        if caption is not None:
+            self.add_annotation(item["id"], "text", "free-text", caption, {"system": {"promptId": "1"}})
+        return item
+
+    def add_model(self, project_id: str, name: str, configuration: dict, dataset_id: Optional[str] = None,
+                  labels: Optional[list] = None, input_type: str = "image", output_type: str = "embedding",
+                  subsets: Optional[dict] = None, status: str = "created", service_ids: tuple = (),
+                  metadata: Optional[dict] = None) -> dict:
+        with self.lock:
+            model_id = self.new_id()
+            system = {"subsets": subsets or {}, **((metadata or {}).get("system", {}))}
+            if service_ids:
+                system["deploy"] = {"services": list(service_ids)}
+            model = {"id": model_id, "name": name, "projectId": project_id, "datasetId": dataset_id,
+                     "packageId": None, "artifacts": [], "configuration": copy.deepcopy(configuration),
+                     "metadata": {**(metadata or {}), "system": system}, "status": status,
+                     "inputType": input_type, "outputType": output_type, "labels": list(labels or []),
+                     "tags": [], "description": None, "scope": "project", "version": "1.0.0",
+                     "context": {"project": project_id, "creator": self.user["email"]},
+                     "createdAt": now_iso(), "updatedAt": now_iso(), "moduleName": "model-adapter",
+                     "url": f"{self.base_url}/ml/models/{model_id}", "statusLogs": []}
+            self.models[model_id] = model
+            return model
+
+    @staticmethod
+    def subset_filter(subset: str) -> dict:
+        """The item query of an ML subset, as the platform writes it in `model.metadata.system.subsets`."""
+        return {"filter": {"$and": [{"hidden": False}, {"type": "file"}, {f"metadata.system.tags.{subset}": True}]},
+                "page": 0, "pageSize": 1000, "resource": "items"}
+
+    # ---- reading back ---------------------------------------------------------------------
+    def item_annotations(self, item_id: str) -> list[dict]:
+        with self.lock:
+            return [copy.deepcopy(a) for a in self.annotations.values() if a["itemId"] == item_id]
+
+    def vectors_of(self, feature_set_id: str) -> dict[str, list[float]]:
+        """{item id: vector} of one feature set."""
+        with self.lock:
+            return {f["entityId"]: list(f["value"]) for f in self.features.values()
+                    if f["featureSetId"] == feature_set_id}
+
+    def metric_points(self, model_id: str, figure: str, legend: str) -> list[tuple]:
+        """(x, y) of one plot of a model's metrics (dl.PlotSample: {figure, legend, data: {x, y}}), in order sent."""
+        with self.lock:
+            return [(m["data"]["x"], m["data"]["y"]) for m in self.metrics
+                    if m.get("modelId") == model_id and m["figure"] == figure and m["legend"] == legend]
+
+    def dataset_items(self, dataset_id: str) -> list[dict]:
+        with self.lock:
+            return [copy.deepcopy(i) for i in self.items.values() if i["datasetId"] == dataset_id]
+
+    def binaries_dataset(self, project_id: str) -> dict:
+        return next(d for d in self.datasets.values() if d["projects"] == [project_id] and d["name"] == "Binaries")
+
+    def artifact_files(self, model_id: str) -> dict[str, bytes]:
+        """{path under the model's artifact folder: bytes} of the items the model lists as artifacts."""
+        with self.lock:
+            model = self.models[model_id]
+            prefix = f"/artifacts/models/{model['name']}/"
+            result = {}
+            for artifact in model.get("artifacts", []):
+                item = self.items.get(artifact.get("itemId", artifact.get("id")))
+                if item is not None:
+                    result[item["filename"][len(prefix):] if item["filename"].startswith(prefix)
+                           else item["filename"]] = self.binaries[item["id"]]
+            return result
+
+    # ---- helpers for the routes -------------------------------------------------------------
+    def item_document(self, item_id: str) -> dict:
+        """An item as the gate returns it (annotation counts up to date)."""
+        return copy.deepcopy(self.items[item_id])
+
+    def _recount(self, item_id: str) -> None:
+        count = sum(1 for a in self.annotations.values() if a["itemId"] == item_id)
+        self.items[item_id]["annotationsCount"] = count
+        self.items[item_id]["annotated"] = count > 0
+
+    def query_items(self, dataset_id: str, query: dict) -> list[dict]:
+        items = [i for i in self.items.values() if i["datasetId"] == dataset_id]
+        selected = [i for i in items if dql.matches(i, query.get("filter"))]
+        join = query.get("join") or {}
+        if join.get("filter"):
+            annotations = list(self.annotations.values())
+            selected = [i for i in selected
+                        if any(a["itemId"] == i["id"] and dql.matches(a, join["filter"]) for a in annotations)]
+        return dql.sort_documents(selected, query.get("sort"))
+
+    def query_annotations(self, dataset_id: str, query: dict) -> list[dict]:
+        annotations = [a for a in self.annotations.values() if a["datasetId"] == dataset_id]
+        return dql.sort_documents([a for a in annotations if dql.matches(a, query.get("filter"))],
+                                  query.get("sort") or {"createdAt": "ascending"})
+
+    def delete_annotations(self, annotation_ids: list[str]) -> None:
+        for annotation_id in annotation_ids:
+            annotation = self.annotations.pop(annotation_id)
+            self._recount(annotation["itemId"])
+
+    def export_document(self, item: dict, annotation_query: Optional[dict]) -> dict:
+        """One exported item: the item JSON with its annotations (filtered by annotationsQuery)."""
+        document = copy.deepcopy(item)
+        annotations = [a for a in self.annotations.values() if a["itemId"] == item["id"]
+                       and (annotation_query is None or dql.matches(a, annotation_query.get("filter")))]
+        document["annotations"] = [copy.deepcopy(a) for a in sorted(annotations, key=lambda a: a["id"])]
+        document["annotationsCount"] = len(document["annotations"])
+        return document
+
+    def snapshot(self) -> str:
+        """The whole state as JSON (for a failing test's message)."""
+        with self.lock:
+            return json.dumps({"items": self.items, "annotations": self.annotations, "models": self.models,
+                               "feature_sets": self.feature_sets, "executions": self.executions},
+                              indent=1, default=str)[:20000]
