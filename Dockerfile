@@ -1,33 +1,36 @@
-# Runner image for the CLIP model adapter on Dataloop (referenced by dataloop.json's runnerImage).
+# Runner image for the CLIP model app: dataloop.json's runnerImage, tagged with the app version
+# (scripts/release.py builds and pushes it). The adapter's code itself is fetched from the
+# codebase (gitTag) when a service starts, so this image holds the dependencies and the weights
+# of the models named in PREFETCH_MODELS, so a service starts without network.
 #
-# Dataloop's agent image brings Python, CUDA and the agent; the adapter's code itself is
-# fetched from the codebase at service start, so this image holds only dependencies and
-# the default model's weights (downloaded at build time, so a service starts offline).
+# Dataloop's runner-image guidance (README of github.com/dataloop-ai/dtlpy-runner-images):
+# - no fixed USER: the base images give every user the same access;
+# - install with ${DL_PYTHON_EXECUTABLE} -m pip (set in every base image), not a bare pip;
+# - leave HOME alone (the base images set HOME=/tmp with the right permissions).
+# The agent brings its own dtlpy and its pins (the GPU base images keep PyJWT<=1.7.1, dtlpy 1.126
+# wants PyJWT>=2.12 and attrs<25): this image never installs dtlpy over it.
 #
-#   docker build -t <registry>/clip-model-adapter:0.1.0 .
-#   docker build --build-arg PREFETCH_MODELS="ViT-B/32 ViT-L/14" -t ... .
-ARG BASE_IMAGE=dataloopai/dtlpy-agent:gpu.cuda.11.8.py3.10.pytorch2
+#   docker build -t IMAGE:VERSION .
+#   docker build --build-arg PREFETCH_MODELS="ViT-B/32 ViT-L/14 RN50" -t IMAGE:VERSION .
+ARG BASE_IMAGE=hub.dataloop.ai/dtlpy-runner-images/gpu:python3.10_cuda11.8_pytorch2
 FROM ${BASE_IMAGE}
 
-# Weights live in a fixed, world-readable cache so the agent's user (1000) finds them.
-USER root
+# One cache outside HOME for every model's weights, readable by whichever user the agent runs as.
 ENV HF_HOME=/opt/clip-cache/huggingface \
-    XDG_CACHE_HOME=/opt/clip-cache \
-    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1
-RUN mkdir -p /opt/clip-cache /opt/clip-adapter && chown -R 1000:1000 /opt/clip-cache /opt/clip-adapter
 
-USER 1000
 WORKDIR /opt/clip-adapter
 
-# Dependencies first, so code changes do not invalidate this layer. The base image's torch
-# satisfies the range in requirements.txt and is kept as it is.
-COPY --chown=1000:1000 requirements.txt .
-RUN python3 -m pip install --user --upgrade pip \
- && python3 -m pip install --user -r requirements.txt
+# Dependencies first, so code changes do not invalidate this layer. Everything in requirements.txt
+# except dtlpy; the base image's torch satisfies the range there and is kept as it is.
+COPY requirements.txt .
+RUN grep -viE '^[[:space:]]*dtlpy([^A-Za-z0-9_.-]|$)' requirements.txt > requirements-image.txt \
+ && ${DL_PYTHON_EXECUTABLE} -m pip install --no-cache-dir -r requirements-image.txt
 
-# Download the default model's weights into the cache at build time.
+# Weights of any model `python -m adapters.clip models` lists (or ARCH:TAG), downloaded at build time.
 ARG PREFETCH_MODELS="ViT-B/32"
-COPY --chown=1000:1000 adapters/ adapters/
-RUN python3 -m adapters.clip download ${PREFETCH_MODELS} \
- && python3 -m adapters.clip models
+COPY adapters/ adapters/
+RUN ${DL_PYTHON_EXECUTABLE} -m adapters.clip download ${PREFETCH_MODELS} \
+ && ${DL_PYTHON_EXECUTABLE} -m adapters.clip models \
+ && chmod -R a+rwX /opt/clip-cache
