@@ -1,40 +1,111 @@
 """dataloop.json: parses as a real dtlpy DPK, declares the hooks, and each model's configuration is right."""
+import copy
+import inspect
 import json
 from pathlib import Path
 
 import dtlpy as dl
 import open_clip
 import pytest
+from dtlpy.ml.base_model_adapter import PREDICT_EMBED_DEFAULT_TIMEOUT
 
 from adapters.clip.config import ClipConfig
 from adapters.clip.models import OPENAI_MODELS, parse_model_spec
+from adapters.clip_adapter import ClipAdapter
 
 MANIFEST = json.loads((Path(__file__).parents[1] / "dataloop.json").read_text())
 
 
 def test_parses_with_dtlpy():
-    dpk = dl.Dpk.from_json(MANIFEST, client_api=dl.client_api)
+    dpk = dl.Dpk.from_json(copy.deepcopy(MANIFEST), client_api=dl.client_api)  # it fills in defaults
     assert dpk.name == "clip-model-adapter"
     assert len(dpk.components.models) == len(OPENAI_MODELS)
 
 
+MODULE = MANIFEST["components"]["modules"][0]
+FUNCTIONS = {f["name"]: f for f in MODULE["functions"]}
+CONFIGS = {c["name"]: c for c in MANIFEST["components"]["computeConfigs"]}
+# Every flow dtlpy's BaseModelAdapter offers a model service (each carries dtlpy's own declaration).
+MODEL_FLOWS = ["embed_items", "embed_dataset", "predict_items", "predict_dataset", "train_model", "evaluate_model"]
+DATASET_LEVEL = ["embed_dataset", "predict_dataset"]  # the fan-out: a parent waits for its subsets
+ITEM_LEVEL = ["embed_items", "predict_items"]         # what a query typed in the UI calls
+
+
+def config_of(function: str) -> dict:
+    return CONFIGS[FUNCTIONS[function].get("computeConfig", MODULE["computeConfig"])]
+
+
 def test_module_points_at_the_adapter_with_model_entity_init_input():
-    module = MANIFEST["components"]["modules"][0]
-    assert (Path(__file__).parents[1] / module["entryPoint"]).is_file()
-    assert module["className"] == "ClipAdapter"
-    assert module["initInputs"] == [{"type": "Model", "name": "model_entity"}]
-    names = {f["name"] for f in module["functions"]}
-    assert {"train_model", "embed_items", "embed_dataset", "predict_items", "evaluate_model"} <= names
+    assert (Path(__file__).parents[1] / MODULE["entryPoint"]).is_file()
+    assert MODULE["className"] == "ClipAdapter"
+    assert MODULE["initInputs"] == [{"type": "Model", "name": "model_entity"}]
+    assert sorted(FUNCTIONS) == sorted(MODEL_FLOWS)
 
 
-def test_compute_configs_cpu_for_embedding_gpu_for_training_with_autoscaling():
-    configs = {c["name"]: c for c in MANIFEST["components"]["computeConfigs"]}
-    module = MANIFEST["components"]["modules"][0]
-    assert "gpu" not in configs[module["computeConfig"]]["runtime"]["podType"]
-    train = next(f for f in module["functions"] if f["name"] == "train_model")
-    assert "gpu" in configs[train["computeConfig"]]["runtime"]["podType"]
-    for config in configs.values():
+@pytest.mark.parametrize("name", MODEL_FLOWS)
+def test_each_function_takes_the_inputs_dtlpy_declares_for_it(name):
+    """The platform passes inputs by name to dtlpy's method; dtlpy's decorator says which."""
+    declared = getattr(dl.BaseModelAdapter, name).__dtlpy__
+    ours = FUNCTIONS[name]
+    assert [(i["name"], i["type"]) for i in ours["input"]] == [(i["name"], i["type"]) for i in declared["input"]]
+    assert set(i["name"] for i in ours["input"]) <= set(inspect.signature(getattr(ClipAdapter, name)).parameters)
+    # Outputs as the marketplace apps write them: dtlpy's, except embed_items' vectors port, which
+    # the earlier CLIP app and the DINOv2 app both call `json` (Json), where dtlpy says `features` (Json[]).
+    outputs = [(o["name"], o["type"]) for o in ours["output"]]
+    expected = [(o["name"], o["type"]) for o in declared["output"]]
+    if name == "embed_items":
+        expected = [("items", "Item[]"), ("json", "Json")]
+    assert outputs == expected
+    assert ours["displayName"] and ours["description"]
+
+
+def test_dataset_functions_outlive_dtlpys_wait_for_their_subsets_without_holding_the_only_slot():
+    """dtlpy's _execute_dataset_operation splits a dataset into executions of
+    predict_embed_subset_limit items and waits for them up to predict_embed_timeout (24 h)."""
+    waits = [PREDICT_EMBED_DEFAULT_TIMEOUT] + [m["configuration"].get("predict_embed_timeout", 0)
+                                               for m in MANIFEST["components"]["models"]]
+    for name in DATASET_LEVEL:
+        config = config_of(name)
+        assert config["executionTimeout"] >= max(waits) + 3600, name  # the wait, plus the parent's own subset
+        assert config["runtime"]["concurrency"] >= 2, name  # a waiting parent leaves room for its subsets
+        assert config["runtime"]["autoscaler"]["maxReplicas"] >= 2, name
+        assert "gpu" not in config["runtime"]["podType"], name
+
+
+def test_interactive_calls_never_queue_behind_a_dataset_job():
+    dataset_configs = {config_of(name)["name"] for name in DATASET_LEVEL}
+    for name in ITEM_LEVEL:
+        config = config_of(name)
+        assert config["name"] not in dataset_configs, name
+        assert config["runtime"]["concurrency"] >= 10, name  # as the earlier CLIP app's search service
+        assert config["executionTimeout"] <= 3600, name  # a stuck call frees its slot within the hour
+        assert "gpu" not in config["runtime"]["podType"], name
+
+
+def test_training_and_evaluation_run_on_a_gpu_for_a_day_or_more():
+    for name in ("train_model", "evaluate_model"):
+        config = config_of(name)
+        assert "gpu" in config["runtime"]["podType"], name
+        # evaluate_model predicts over the whole dataset in its own execution before scoring it.
+        assert config["executionTimeout"] >= PREDICT_EMBED_DEFAULT_TIMEOUT, name
+        assert config["runtime"].get("preemptible") is False, name
+
+
+def test_every_compute_config_autoscales_from_zero_on_the_queue():
+    used = {config_of(name)["name"] for name in MODEL_FLOWS}
+    assert used == set(CONFIGS)  # none declared for nothing
+    for config in CONFIGS.values():
         assert config["runtime"]["autoscaler"]["type"] == "rabbitmq"
+        assert config["runtime"]["autoscaler"]["minReplicas"] == 0
+
+
+def test_marketplace_attributes_written_as_the_marketplace_apps_write_them():
+    assert MANIFEST["scope"] == "public"
+    attributes = MANIFEST["attributes"]
+    assert attributes["Category"] == "Model" and attributes["Hub"] == "Dataloop"
+    assert attributes["Provider"] == "Open AI" and attributes["Deployed By"] == "Dataloop"
+    assert attributes["License"] == "MIT"
+    assert set(attributes["Media Type"]) == {"Image", "Text", "Multi Modal"}
 
 
 def test_default_model_is_vit_b32_first():
