@@ -172,7 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"release: {exc}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as exc:
-        print(f"release: step failed: {' '.join(map(str, exc.cmd))} (exit {exc.returncode})", file=sys.stderr)
+        print(f"release: step failed: {' '.join(map(str, exc.cmd))} (exit {exc.returncode}); edits made so far "
+              "stay in the working tree (git status; git checkout -- . undoes an uncommitted version change)",
+              file=sys.stderr)
         return 1
     return 0
 
