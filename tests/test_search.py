@@ -230,7 +230,8 @@ def test_cli_index_then_search_by_text_and_image_with_json_and_sheet(indexed, ca
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and {"path", "score", "subset", "metadata"} <= set(hits[0])
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
-    assert hits[0]["subset"] == "train" and hits[0]["metadata"] == {"camera": "x"}
+    assert hits[0]["subset"] == "train" and hits[0]["metadata"]["camera"] == "x"  # --meta wins over EXIF
+    assert hits[0]["metadata"]["width"] == 64 and isinstance(hits[0]["metadata"]["year"], int)
     with Image.open(sheet) as drawn:
         assert drawn.width > 3 * 160
     assert main(["search", "--image", str(folder / "pic 2.png"), "--store", str(store), "-k", "1"]) == 0

@@ -197,7 +197,7 @@ def test_reindex_builds_beside_and_a_failed_one_leaves_the_old_store_working(pho
     with Store.open(root) as store:
         assert store.binding == ModelBinding.of(other_model)
         record = store.item_by_path(paths[2])
-        assert (record.subset, record.metadata) == ("train", {"camera": "x"})  # attributes carried over
+        assert (record.subset, record.metadata["camera"]) == ("train", "x")  # attributes carried over
         np.testing.assert_allclose(store.vector(record.id), other.embed_images([paths[2]]).vectors[0], atol=1e-6)
     assert not list(root.glob("reindex-*"))
     index(root, other, [folder], IndexOptions(**QUIET))  # next writer run removes the old data folder

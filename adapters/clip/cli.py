@@ -354,6 +354,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         contact_sheet([(title, [(hit.path, f"{hit.rank}. {hit.score:.3f}  {Path(hit.path).name}")
                                 for hit in result.hits])], args.sheet)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print_json([hit.to_dict() for hit in result.hits])
         return EXIT_OK

@@ -12,15 +12,22 @@ default are done here on purpose:
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import re
+import threading
+import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -57,7 +64,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if size == 0:
             raise InputError(f"empty file (0 bytes): {path}")
         try:
-            with open(path, "rb") as fh:
+            with open(path, "rb") as fh, exif_warnings(str(path)):
                 return _decode(fh, max_pixels, draft_size)
         except PermissionError:
             raise InputError(f"permission denied: {path}") from None
@@ -151,3 +158,55 @@ def array_to_image(array: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
         raise InputError(f"unsupported array dtype {array.dtype} (use uint8, uint16, bool or float)")
     mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[2]]
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
+
+
+# ---- PIL's EXIF warnings, with the file's name ------------------------------------------------
+# PIL reports a corrupt EXIF block through `warnings.warn` without naming the file, and the raw
+# line lands in the middle of a progress bar. Images are decoded in several threads, and
+# `warnings.catch_warnings` is process-wide, so a thread-local sink collects them instead.
+EXIF_WARNING_PATTERN = r"(Possibly corrupt|Corrupt) EXIF data|Tag data larger than file|Tag offset too large"
+_exif_sink = threading.local()
+_hook_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def exif_warnings(name: str, *, report: bool = True) -> Iterator[None]:
+    """While this thread reads `name`, PIL's EXIF warnings become one log line naming the file
+    (or, with `report=False`, nothing: the caller knows the image is decoded, and reported, later)."""
+    _install_exif_hook()
+    caught: list[str] = []
+    outer = getattr(_exif_sink, "messages", None)
+    _exif_sink.messages = caught
+    try:
+        yield
+    finally:
+        _exif_sink.messages = outer
+        if caught and report:
+            log.warning("%s: corrupt EXIF data ignored (%s)", name, caught[0])
+
+
+def _install_exif_hook() -> None:
+    """Route EXIF warnings raised inside `exif_warnings` to its sink; pass everything else on."""
+    if getattr(warnings.showwarning, "exif_hook", False) and _exif_filter_installed():
+        return
+    with _hook_lock:
+        if not getattr(warnings.showwarning, "exif_hook", False):
+            warnings.showwarning = _exif_hook(warnings.showwarning)
+        if not _exif_filter_installed():  # "always": the once-per-message registry would hide repeats
+            warnings.filterwarnings("always", message=EXIF_WARNING_PATTERN, category=UserWarning)
+
+
+def _exif_filter_installed() -> bool:
+    return any(f[1] is not None and f[1].pattern == EXIF_WARNING_PATTERN for f in warnings.filters)
+
+
+def _exif_hook(show_next):
+    def show(message, category, filename, lineno, file=None, line=None):
+        sink = getattr(_exif_sink, "messages", None)
+        if sink is not None and issubclass(category, UserWarning) and re.match(EXIF_WARNING_PATTERN, str(message)):
+            sink.append(" ".join(str(message).split()))
+            return
+        show_next(message, category, filename, lineno, file, line)
+
+    show.exif_hook = True
+    return show

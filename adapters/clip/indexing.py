@@ -25,6 +25,7 @@ from .progress import progress_bar
 from .errors import InputError
 from .files import write_text_atomic
 from .images import IMAGE_SUFFIXES
+from .photos import photo_metadata
 from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, HASH_BLOCK, REINDEX_PREFIX, FileStat, ItemRecord,
                     ModelBinding, Scope, Store, Transaction, _read_current, writer_lock)
 
@@ -117,6 +118,7 @@ class IndexOptions:
     batch_size: int = 64
     show_progress: bool = True
     ann: str = "auto"                              # auto | build | off (see search.refresh_ann)
+    photo_metadata: bool = True                    # read taken/year/month/camera/size/GPS (photos.py)
     on_batch: Optional[Callable[["IndexSummary"], None]] = None  # after each committed batch
 
 
@@ -363,7 +365,8 @@ class _IndexPass:
             record = self.known.get(stat.path)
             if record is not None and record.size == stat.size and record.mtime_ns == stat.mtime_ns:
                 self.summary.unchanged += 1
-                changes = _attribute_changes(record, _attributes_for(stat.path, self.options))
+                # photo metadata is read once: for items indexed before it was, read it now
+                changes = _attribute_changes(record, self._wanted(stat.path, photo="taken" not in record.metadata))
                 if changes:
                     relabel.append((record.id, changes))
                 continue
@@ -377,6 +380,13 @@ class _IndexPass:
                 for item_id, changes in relabel:
                     txn.set_attributes(item_id, **changes)
         return to_check
+
+    def _wanted(self, path: str, photo: bool = True) -> dict[str, Any]:
+        """This run's attributes for `path`, over its photo metadata (a --meta value wins)."""
+        wanted = _attributes_for(path, self.options)
+        if photo and self.options.photo_metadata:
+            wanted["metadata"] = {**photo_metadata(path), **wanted.get("metadata", {})}
+        return wanted
 
     def _new_content(self, to_check: list[FileStat], bar) -> Iterator[str]:
         """Hash each changed file; yield to the embedder only those whose content is not stored yet."""
@@ -402,12 +412,11 @@ class _IndexPass:
             self.pending.add(lambda txn, i=record.id, s=stat: txn.touch(i, s))
             self.summary.unchanged += 1
             return True
-        wanted = _attributes_for(stat.path, self.options)
         movable = self.vanished_by_hash.get(content)
         if record is None and movable:
             source = movable.pop()
             self.moved.add(source.path)
-            changes = _attribute_changes(source, wanted)
+            changes = _attribute_changes(source, self._wanted(stat.path))
 
             def move(txn: Transaction, i: int = source.id, s: FileStat = stat, c: dict = changes) -> None:
                 txn.move(i, s)
@@ -419,7 +428,7 @@ class _IndexPass:
             return True
         donor = self.store.vector_for_hash(content)
         if donor is not None:
-            changes = _attribute_changes(record, wanted)
+            changes = _attribute_changes(record, self._wanted(stat.path))
             self.pending.add(lambda txn, s=stat, h=content, v=donor, c=changes: txn.put(s, h, v, **c))
             self.summary.reused += 1
             return True
@@ -432,7 +441,7 @@ class _IndexPass:
                 txn.record_failure(stat, batch.errors[i])
                 self._fail(stat, batch.errors[i])
                 continue
-            changes = _attribute_changes(self.known.get(stat.path), _attributes_for(stat.path, self.options))
+            changes = _attribute_changes(self.known.get(stat.path), self._wanted(stat.path))
             _, existed = txn.put(stat, content, batch.vectors[i], **changes)
             if existed:
                 self.summary.updated += 1
