@@ -233,7 +233,7 @@ def test_cli_index_then_search_by_text_and_image_with_json_and_sheet(indexed, ca
     assert hits[0]["subset"] == "train" and hits[0]["metadata"]["camera"] == "x"  # --meta wins over EXIF
     assert hits[0]["metadata"]["width"] == 64 and isinstance(hits[0]["metadata"]["year"], int)
     with Image.open(sheet) as drawn:
-        assert drawn.width > 3 * 160
+        assert drawn.width == 8 + 2 * (160 + 8) and drawn.height > 2 * 160  # 3 hits: a 2 x 2 grid
     assert main(["search", "--image", str(folder / "pic 2.png"), "--store", str(store), "-k", "1"]) == 0
     table = capsys.readouterr().out
     assert str(folder / "pic 2.png") in table and "1.000" in table

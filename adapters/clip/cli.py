@@ -348,12 +348,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
         result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
         total = store.count()
-    if args.sheet:
-        from .sheets import contact_sheet
+    if args.sheet and result.hits:
+        from .sheets import distinct_names, grid_sheet
         title = " + ".join(filter(None, [args.query] + [f"image:{p}" for p in args.image]))
-        contact_sheet([(title, [(hit.path, f"{hit.rank}. {hit.score:.3f}  {Path(hit.path).name}")
-                                for hit in result.hits])], args.sheet)
+        names = distinct_names([hit.path for hit in result.hits])
+        grid_sheet([(hit.path, _hit_caption(hit, name)) for hit, name in zip(result.hits, names)], args.sheet,
+                   title=title)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    elif args.sheet:
+        print(f"no hits: no contact sheet written to {args.sheet}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
@@ -369,6 +372,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"{len(result.hits)} results from {result.candidates} matching items ({result.method} search, "
           f"{result.seconds * 1000:.0f} ms)", file=sys.stderr)
     return EXIT_OK
+
+
+def _hit_caption(hit, name: str) -> str:
+    """Rank and score (and the date taken), the path that tells it apart, the camera."""
+    taken = str(hit.metadata.get("taken", ""))[:10]
+    first = f"{hit.rank}. {hit.score:.3f}" + (f"  {taken}" if taken else "")
+    return "\n".join(filter(None, [first, name, str(hit.metadata.get("camera", ""))]))
 
 
 def add_classify(sub) -> None:
@@ -404,12 +414,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if row["error"]:
             print(f"skipped {row['path']}: {row['error']}", file=sys.stderr)
     if args.sheet:
-        from .sheets import contact_sheet
-        tiles = [(row["path"], ", ".join(f"{s['label']} {s['score']:.2f}" for s in row["labels"]) or "unreadable")
-                 for row in rows]
-        per_row = 8
-        contact_sheet([(f"{args.labels}" if i == 0 else "", tiles[i:i + per_row])
-                       for i in range(0, len(tiles), per_row)], args.sheet, title="zero-shot: " + args.labels)
+        from .sheets import distinct_names, grid_sheet
+        names = distinct_names([row["path"] for row in rows])
+        tiles = [(row["path"], (", ".join(f"{s['label']} {s['score']:.2f}" for s in row["labels"]) or "unreadable")
+                  + "\n" + name) for row, name in zip(rows, names)]
+        grid_sheet(tiles, args.sheet, title="zero-shot: " + args.labels)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
     if args.json:
         print_json(rows)

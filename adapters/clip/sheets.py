@@ -1,4 +1,4 @@
-"""Contact sheets: rows of thumbnails with a caption each, written as one PNG.
+"""Contact sheets: thumbnails with a caption each, in titled rows or a grid, written as one PNG.
 
 People judge search results and zero-shot labels faster by looking than by reading paths.
 Drawn with PIL alone (no figure machinery), so a sheet of a hundred images takes a fraction
@@ -7,6 +7,7 @@ of a second. An image that cannot be read gets a grey tile saying so; the sheet 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -26,15 +27,19 @@ INK = (20, 20, 20)
 MUTED = (110, 110, 110)
 PLACEHOLDER = (215, 215, 215)
 FRAME = {True: (40, 160, 60), False: (200, 50, 40)}
+MAX_COLUMNS = 8
 
 
 def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 160, title: Optional[str] = None,
-                  title_width: int = 220, max_tiles: Optional[int] = None) -> Path:
-    """Write `rows` — each (row title, [(image, caption[, correct]), ...]) — as a PNG at `out`."""
+                  title_width: int = 220, max_tiles: Optional[int] = None, caption_lines: int = 2) -> Path:
+    """Write `rows` — each (row title, [(image, caption[, correct]), ...]) — as a PNG at `out`.
+
+    A caption's newlines start new lines; each line wraps, and all of them share `caption_lines`.
+    """
     if not rows:
         raise InputError("a contact sheet needs at least one row")
     small, regular, large = _font(12), _font(14), _font(18)
-    pad, caption_lines = 8, 2
+    pad = 8
     line_height = _line_height(small)
     tile_height = thumb + pad + caption_lines * line_height
     columns = max(1, max(len(tiles) for _, tiles in rows))
@@ -49,7 +54,8 @@ def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 1
         draw.text((pad, pad), _fit(draw, title, large, width - 2 * pad), fill=INK, font=large)
     for r, (row_title, tiles) in enumerate(rows):
         top = header + pad + r * (tile_height + pad)
-        _draw_lines(draw, (pad, top), _wrap(draw, row_title, regular, title_width - pad, 6), regular, INK)
+        if title_width > pad:
+            _draw_lines(draw, (pad, top), _wrap(draw, row_title, regular, title_width - pad, 6), regular, INK)
         for c, tile in enumerate(list(tiles)[:columns]):
             left = pad + title_width + c * (thumb + pad)
             _draw_tile(sheet, draw, tile, (left, top), thumb, small, caption_lines)
@@ -57,6 +63,38 @@ def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 1
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
     return out
+
+
+def grid_sheet(tiles: Sequence[Tile], out: str | os.PathLike, *, title: Optional[str] = None,
+               columns: Optional[int] = None, thumb: int = 160) -> Path:
+    """Tiles wrapped into a grid (about as wide as tall, at most MAX_COLUMNS across) under `title`.
+
+    Search hits and zero-shot labels share this layout; captions get three lines (score or label,
+    then the path that tells the file apart: `distinct_names`).
+    """
+    if not tiles:
+        raise InputError("a contact sheet needs at least one image")
+    columns = columns or min(MAX_COLUMNS, max(1, math.ceil(math.sqrt(len(tiles)))))
+    rows = [("", list(tiles[start:start + columns])) for start in range(0, len(tiles), columns)]
+    return contact_sheet(rows, out, thumb=thumb, title=title, title_width=0, caption_lines=3)
+
+
+def distinct_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each path's shortest tail of folders that no other path here shares ("b/china.jpg").
+
+    File names alone cannot tell `a/china.jpg` from `b/china.jpg`; whole paths do not fit a tile.
+    """
+    parts = [Path(p).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        tails: dict[tuple[str, ...], list[int]] = {}
+        for i, p in enumerate(parts):
+            tails.setdefault(p[-depth[i]:], []).append(i)
+        clashing = [i for group in tails.values() if len(group) > 1 for i in group if depth[i] < len(parts[i])]
+        if not clashing:
+            return [str(Path(*p[-d:])) if p else "" for p, d in zip(parts, depth)]
+        for i in clashing:
+            depth[i] += 1
 
 
 def query_sheet(queries: Sequence[str], results: Sequence[Sequence[ImageSource]], path: str | os.PathLike, *,
@@ -124,7 +162,15 @@ def _draw_lines(draw: ImageDraw.ImageDraw, origin: tuple[int, int], lines: list[
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> list[str]:
-    """Greedy wrap by measured width; the last line ends in an ellipsis if text is left over."""
+    """Greedy wrap by measured width, newlines kept; the last line ends in an ellipsis if text is left over."""
+    lines = [line for paragraph in text.split("\n") for line in _wrap_paragraph(draw, paragraph, font, width)]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _fit(draw, lines[-1] + " …", font, width, force_ellipsis=True)
+    return lines or [""]
+
+
+def _wrap_paragraph(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     lines: list[str] = []
     words = text.split()
     current = ""
@@ -135,13 +181,17 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
             continue
         if current:
             lines.append(current)
-        current = word if draw.textlength(word, font=font) <= width else _fit(draw, word, font, width)
+        current = word if draw.textlength(word, font=font) <= width else _fit_tail(draw, word, font, width)
     if current:
         lines.append(current)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = _fit(draw, lines[-1] + " …", font, width, force_ellipsis=True)
-    return lines or [""]
+    return lines
+
+
+def _fit_tail(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """A word too long for a line (a path, mostly) keeps its end: the file name is what tells."""
+    while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int, force_ellipsis: bool = False) -> str:
