@@ -357,8 +357,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
     elif args.sheet:
         print(f"no hits: no contact sheet written to {args.sheet}", file=sys.stderr)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print_json([hit.to_dict() for hit in result.hits])
         return EXIT_OK

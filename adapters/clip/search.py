@@ -434,7 +434,6 @@ class SearchResult:
     method: str          # 'exact' | 'ann' | 'ann+exact' (ANN came up short; exact filled in)
     candidates: int      # items that passed the filters
     seconds: float
-    notes: list[str] = field(default_factory=list)  # why a filter may find nothing
 
 
 class Searcher:
@@ -478,16 +477,7 @@ class Searcher:
             keep = scores >= filters.min_score
             rows, scores = rows[keep], scores[keep]
         hits = self._hits(snapshot, rows, scores)
-        notes = self._missing_keys(filters) if candidates == 0 else []
-        return SearchResult(hits, method, candidates, time.perf_counter() - started, notes)
-
-    def _missing_keys(self, filters: Filters) -> list[str]:
-        """One note per condition on a metadata key that no item has (a typo, or data never indexed)."""
-        missing = [c.key for c in filters.conditions() if not self.store.has_metadata_key(c.key)]
-        if not missing:
-            return []
-        present = ", ".join(self.store.metadata_keys()) or "none"
-        return [f"no item has metadata {key!r} (keys present: {present})" for key in missing]
+        return SearchResult(hits, method, candidates, time.perf_counter() - started)
 
     # ---- pieces --------------------------------------------------------------------------
     def _allowed(self, snapshot: MatrixSnapshot, filters: Filters) -> Optional[np.ndarray]:

@@ -469,15 +469,11 @@ class Condition:
         return cls(key, op, value)
 
     def sql(self) -> tuple[str, list[Any]]:
-        json_path = _json_path(self.key)
+        json_path = "$" + "".join(f'."{part}"' for part in self.key.split("."))
         if self.value is None:
             return f"json_extract(metadata, ?) IS {'NOT ' if self.op == '!=' else ''}NULL", [json_path]
         value = int(self.value) if isinstance(self.value, bool) else self.value
         return f"json_extract(metadata, ?) {_SQL_OPS[self.op]} ?", [json_path, value]
-
-
-def _json_path(key: str) -> str:
-    return "$" + "".join(f'."{part}"' for part in key.split("."))
 
 
 def _path_glob_sql(pattern: str) -> tuple[str, list[Any]]:
@@ -648,17 +644,6 @@ class Store:
         query = "SELECT row FROM items" + (" WHERE " + " AND ".join(clauses) if clauses else "")
         rows = np.fromiter((r for (r,) in self.conn.execute(query + " ORDER BY row", params)), dtype=np.int64)
         return rows
-
-    def has_metadata_key(self, key: str) -> bool:
-        """Whether any item's metadata has `key` (dots for nested keys, as in conditions)."""
-        row = self.conn.execute("SELECT 1 FROM items WHERE json_type(metadata, ?) IS NOT NULL LIMIT 1",
-                                (_json_path(key),)).fetchone()
-        return row is not None
-
-    def metadata_keys(self) -> list[str]:
-        """The top-level metadata keys items have, sorted."""
-        query = "SELECT DISTINCT key FROM items, json_each(items.metadata) ORDER BY key"
-        return [key for (key,) in self.conn.execute(query)]
 
     # ---- the matrix ----------------------------------------------------------------------
     def snapshot(self) -> MatrixSnapshot:
