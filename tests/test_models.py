@@ -66,6 +66,9 @@ def test_vit_b32_random_is_real_architecture_with_quickgelu():
     ("ViT-B-32:no-such-tag", "unknown pretrained tag"),
     ("./missing/best.pt", "does not exist"),
     ("tiny:/no/such/weights.safetensors", "does not exist"),
+    ("vit-b/32", "did you mean 'ViT-B/32'\\? `python -m adapters.clip models` lists"),
+    ("ViT-B/33", "did you mean 'ViT-B/32'\\?"),
+    ("rn50", "did you mean 'RN50'\\?"),
 ])
 def test_bad_names_give_clear_errors(name, fragment):
     with pytest.raises(ModelLoadError, match=fragment):
@@ -210,6 +213,22 @@ def test_offline_pretrained_weights_fail_fast_and_clearly(tmp_path, monkeypatch)
     message = str(info.value)
     assert "ViT-B/32" in message and str(tmp_path / "hub") in message
     assert "ARCH:/path/to/weights.safetensors" in message
+
+
+def test_offline_error_tells_each_edge_how_to_pass_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf_constants
+
+    from adapters.clip.cli import main
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert main(["embed", "--text", "a dog", "--model", "ViT-B/32", "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "use `--model PATH`" in err and "model_name" not in err
+    with pytest.raises(WeightsUnavailableError) as info:  # the library's (and the adapter's) wording
+        load_model("ViT-B/32", device="cpu")
+    assert "set model_name to a checkpoint directory" in str(info.value)
 
 
 def test_network_probe_has_a_hard_deadline(monkeypatch):

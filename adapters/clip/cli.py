@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from .errors import ClipAdapterError
+from .errors import ClipAdapterError, WeightsUnavailableError
 from .images import IMAGE_SUFFIXES
 from .progress import progress_bar
 
@@ -665,6 +665,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except WeightsUnavailableError as exc:
+        print(f"error: {exc.told_as('use `--model PATH`, PATH being')}", file=sys.stderr)
+        return EXIT_ERROR
     except ClipAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -19,7 +19,22 @@ class ModelLoadError(ClipAdapterError):
 
 
 class WeightsUnavailableError(ModelLoadError):
-    """Pretrained weights are neither cached nor downloadable (typically: offline)."""
+    """Pretrained weights are neither cached nor downloadable (typically: offline).
+
+    How a local checkpoint is given depends on the edge: the adapter's users set `model_name`, the
+    command line's pass `--model PATH`. The message holds HOW_TO_PASS where that goes; `str()` says
+    it the adapter's way, `told_as()` another way.
+    """
+
+    HOW_TO_PASS = "<how to pass>"
+    ADAPTER_WAY = "set model_name to"
+
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(self.told_as(self.ADAPTER_WAY))
+
+    def told_as(self, how_to_pass: str) -> str:
+        return self.template.replace(self.HOW_TO_PASS, how_to_pass)
 
 
 class CheckpointError(ModelLoadError):

@@ -14,6 +14,7 @@ Everything that turns a name or a file into a runnable CLIP lives here:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ViT-B/32"
 TINY = "tiny"
 RANDOM_TAGS = frozenset({"random", "none", "scratch"})
+MODELS_HINT = "`python -m adapters.clip models` lists the model names"
 
 # OpenAI's released models -> open_clip architectures that use QuickGELU, like OpenAI's code.
 OPENAI_MODELS: dict[str, str] = {
@@ -225,9 +227,20 @@ def resolve_arch(name: str) -> str:
     cleaned = name.replace("/", "-")
     if cleaned in open_clip.list_models():
         return cleaned
+    close = similar_model_names(name)
+    guess = f"did you mean {close[0]!r}? " if close else ""
     raise ModelLoadError(
-        f"unknown model architecture {name!r}; OpenAI models: {', '.join(OPENAI_MODELS)}; "
+        f"unknown model architecture {name!r}; {guess}OpenAI models: {', '.join(OPENAI_MODELS)}; "
         f"or any open_clip architecture (`python -m adapters.clip models --all` lists them)")
+
+
+def similar_model_names(name: str) -> list[str]:
+    """Known names that `name` is probably a typo of: same letters in another case first, then close ones."""
+    known = [*OPENAI_MODELS, TINY, *open_clip.list_models()]
+    same = [k for k in known if k.lower() == name.lower()]
+    by_lower = {k.lower(): k for k in reversed(known)}  # the first spelling of each wins
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.8)
+    return list(dict.fromkeys(same + [by_lower[c] for c in close]))
 
 
 def parse_model_spec(name: str, arch: Optional[str] = None) -> ModelSpec:
@@ -254,7 +267,11 @@ def parse_model_spec(name: str, arch: Optional[str] = None) -> ModelSpec:
     if name == TINY:
         return ModelSpec("random", TINY, None, name)
     if _looks_like_path(name):
-        raise ModelLoadError(f"model path {name!r} does not exist")
+        close = similar_model_names(name)
+        if close:
+            raise ModelLoadError(f"unknown model {name!r} (no such name, and no such path); did you mean "
+                                 f"{close[0]!r}? {MODELS_HINT}")
+        raise ModelLoadError(f"model path {name!r} does not exist ({MODELS_HINT})")
     resolved = resolve_arch(name)
     tags = open_clip.list_pretrained_tags_by_model(resolved)
     raise ModelLoadError(
@@ -513,9 +530,9 @@ def _require_network(url: str, label: str, looked_in: str) -> None:
     if not host_reachable(probe, port):
         raise WeightsUnavailableError(
             f"weights for {label} are not cached and {probe}:{port} cannot be reached (offline?). "
-            f"Looked in {looked_in}. Supply them locally: set model_name to a checkpoint directory or "
-            f"'ARCH:/path/to/weights.safetensors', or run `python -m adapters.clip download {label}` on a "
-            f"machine with network and copy its cache (HF_HOME) here")
+            f"Looked in {looked_in}. Supply them locally: {WeightsUnavailableError.HOW_TO_PASS} a checkpoint "
+            f"directory or 'ARCH:/path/to/weights.safetensors', or run `python -m adapters.clip download "
+            f"{label}` on a machine with network and copy its cache (HF_HOME) here")
 
 
 def host_reachable(host: str, port: int = 443, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
