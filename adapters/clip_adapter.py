@@ -211,6 +211,7 @@ class ClipAdapter(dl.BaseModelAdapter):
 
         from adapters.clip.data import load_pairs
         from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
+        from adapters.clip.reports import name_output
         from adapters.clip.runs import BEST, LAST, WISE_FT
         from adapters.clip.train import fit, load_weights_into
 
@@ -238,6 +239,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.model = self.clip.model
         for name in (LAST, BEST, WISE_FT):  # the weights themselves are saved by `save`
             shutil.rmtree(run_dir / name, ignore_errors=True)
+        name_output(run_dir, output_path)  # the report named best/, just removed: the model is output_path
         self.logger.info(f"training finished: {self._headline(result.report)}")
 
     EVAL_FIGURES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall",

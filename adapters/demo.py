@@ -128,11 +128,12 @@ def _offline_adapter(config: dict[str, Any], home: Path):
     """A ClipAdapter with a model entity built from JSON; its server calls are replaced by local stand-ins."""
     if "dtlpy" not in sys.modules:  # keep dtlpy's files and any login out of the user's ~/.dataloop
         os.environ.setdefault("DATALOOP_PATH", str(home))
+    quiet_dtlpy_logs()
     import dtlpy as dl
 
     from adapters.clip_adapter import ClipAdapter
 
-    for name in ("dtlpy", "ModelAdapter"):  # dtlpy logs its cookie file at DEBUG and warns on every adapter
+    for name in ("dtlpy", "ModelAdapter"):  # dtlpy warns on every adapter it builds
         logging.getLogger(name).setLevel(logging.ERROR)
 
     model = dl.Model.from_json(
@@ -151,6 +152,16 @@ def _offline_adapter(config: dict[str, Any], home: Path):
     adapter = ClipAdapter()
     adapter.model_entity = model
     return adapter, kept
+
+
+def quiet_dtlpy_logs() -> None:
+    """Keep dtlpy's records out of the command line's log handler.
+
+    Importing dtlpy sets its logger to DEBUG (its cookie-file chatter, ~30 lines) and gives it its
+    own handlers, a console one at WARNING among them; records it also passed up to the root
+    logger were printed by the CLI's handler whatever their level. dtlpy's own handlers stay.
+    """
+    logging.getLogger("dtlpy").propagate = False
 
 
 def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path) -> dict:

@@ -24,8 +24,27 @@ def test_demo_builds_data_trains_through_the_adapter_and_reports(tmp_path, capsy
     assert summary["after"]["mean_recall"] > summary["before"]["mean_recall"]
     report = json.loads((out / "model" / "training" / "report.json").read_text())
     assert report["training"]["epochs_run"] == 3
+    assert report["model"]["output"] == summary["model"]  # not training/best, which the adapter removed
+    assert f"output `{summary['model']}`" in (out / "model" / "training" / "report.md").read_text()
     for path in [summary["report"], summary["curves"], *summary["queries"]]:
         assert path in printed
     for path in [summary["curves"], *summary["queries"]]:
         with Image.open(path) as image:
             assert image.format == "PNG"
+
+
+def test_the_demo_does_not_print_dtlpys_debug_log(tmp_path):
+    """Importing dtlpy logs ~30 DEBUG lines about its cookie file; the CLI's handler must not print them."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging; from adapters.clip.cli import main; "
+              "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s'); "
+              "from adapters.demo import DEMO_CONFIG, _offline_adapter; "
+              f"_offline_adapter(DEMO_CONFIG, __import__('pathlib').Path({str(tmp_path)!r}))")
+    env = {**os.environ, "DATALOOP_PATH": str(tmp_path / "dl")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert "DEBUG dtlpy" not in done.stderr and "COOKIE" not in done.stderr

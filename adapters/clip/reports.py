@@ -103,6 +103,19 @@ def write_report(run_dir: Path, result: FitResult, config: "ClipConfig", *, n_tr
     return report
 
 
+def name_output(run_dir: Path, output: str | Path) -> dict[str, Any]:
+    """Rewrite the report in `run_dir` to name `output` as the model it produced.
+
+    For callers that move the weights out of the run folder (the adapter saves them as the model
+    itself and removes best/): a report must not point at a folder that is gone.
+    """
+    report = json.loads((Path(run_dir) / REPORT_JSON).read_text(encoding="utf-8"))
+    report["model"]["output"] = str(output)
+    write_text_atomic(Path(run_dir) / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(Path(run_dir) / REPORT_MD, report_markdown(report))
+    return report
+
+
 def headline(report: dict[str, Any]) -> str:
     """One sentence: what changed on validation, and which model came out."""
     monitor = report["training"]["monitor"]
