@@ -438,6 +438,40 @@ def test_cli_train_then_resume(pairs, tmp_path, capsys):
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
 
 
+def test_cli_resume_needs_only_the_run_folder(pairs, tmp_path, capsys):
+    """The run's model, settings and data come from the run; a change resuming cannot honour names its flag."""
+    from adapters.clip.cli import main
+
+    manifest = tmp_path / "pairs.jsonl"
+    write_manifest(pairs, manifest)
+    out = tmp_path / "run"
+
+    def killed_after_epoch_one(record, num_epochs):
+        if record.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # what `train --data pairs.jsonl --out run ...` leaves when killed
+        fit(config(num_epochs=2, batch_size=4), load_pairs(manifest), out, on_epoch_end=killed_after_epoch_one,
+            show_progress=False, data_source=str(manifest))
+    capsys.readouterr()
+    for flags, named in ((["--set", "batch_size=8"], "--set batch_size=8"), (["--model", "ViT-B/32"], "--model ViT-B/32"),
+                         (["--set", "num_epochs=5"], "--set num_epochs=5")):
+        assert main(["train", "--out", str(out), "--resume", *flags]) == 1
+        err = capsys.readouterr().err
+        assert named in err and "cannot resume" in err and len(err.strip().splitlines()) == 1
+    moved = manifest.rename(tmp_path / "moved.jsonl")
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--data", str(moved), "--set", "num_workers=0",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"resuming {out} from epoch 1 of 2, model tiny" in captured.err
+    report = json.loads(captured.out)
+    assert report["training"]["epochs_run"] == 2 and report["config"]["batch_size"] == 4
+    assert main(["train", "--out", str(tmp_path / "new"), "--resume"]) == 2  # nothing there to resume
+    assert "holds no training run" in capsys.readouterr().err
+
+
 # ---- ClipAdapter.train inside dtlpy's train_model ----------------------------------------------
 def write_default_layout_export(root: Path, n_train: int = 16, n_val: int = 6) -> None:
     """dtlpy's default prepare_data layout: <subset>/items/... + <subset>/json/... (one item per file).

@@ -182,22 +182,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 def config_from_args(path: Optional[str], assignments: Sequence[str], extra: dict):
     """A validated ClipConfig from a JSON file, then --set KEY=VALUE pairs, then `extra`."""
     from .config import ClipConfig
-    raw: dict = {}
-    if path:
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}") from None
-        raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
-        if not isinstance(raw, dict):
-            raise UsageError(f"{path}: expected a JSON object")
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
-        raw[key.strip()] = _parse_value(value)
+    raw: dict = _config_file(path) if path else {}
+    raw.update(_parse_assignments(assignments, "--set"))
     raw.update(extra)
     return ClipConfig.from_dict(raw, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+
+
+def _config_file(path: str) -> dict:
+    """A JSON configuration: a model's 'configuration' dict, or the whole model JSON holding one."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    raw = raw.get("configuration", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _parse_value(text: str):
@@ -282,13 +282,15 @@ def _stored_model(root: Path) -> Optional[str]:
 
 
 def _parse_assignments(assignments: Sequence[str], option: str) -> dict:
-    values = {}
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{option} expects KEY=VALUE, got {assignment!r}")
-        values[key.strip()] = _parse_value(value)
-    return values
+    return dict(_parse_assignment(assignment, option) for assignment in assignments)
+
+
+def _parse_assignment(assignment: str, option: str) -> tuple[str, object]:
+    """KEY=VALUE -> (KEY, VALUE parsed as JSON when it can be)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"{option} expects KEY=VALUE, got {assignment!r}")
+    return key.strip(), _parse_value(value)
 
 
 def _manifest_attributes(path: str) -> dict[str, dict]:
@@ -584,14 +586,15 @@ DATA_COMMANDS: list[Callable] = [add_prepare, add_convert, add_eval]
 # ---- training (train, demo) ------------------------------------------------------------------
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model on caption pairs (manifest or Dataloop export)")
-    p.add_argument("--data", required=True, help="a manifest (.jsonl/.csv) or a Dataloop export folder "
-                                                 "with 'train' and 'validation' subsets")
+    p.add_argument("--data", help="a manifest (.jsonl/.csv) or a Dataloop export folder with 'train' and "
+                                  "'validation' subsets (with --resume: only if the run's data moved)")
     p.add_argument("--out", required=True, help="run directory: best/, last/, metrics.jsonl, curves.png, report.md")
     p.add_argument("--model", help="starting model (sets model_name): a name, 'ARCH:PRETRAINED' or a checkpoint")
     p.add_argument("--config", metavar="JSON", help="a configuration file (a model's 'configuration' dict)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key; VALUE is parsed as JSON when it can be (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last epoch, with its model and settings")
     p.add_argument("--strict", action="store_true", help="fail on any bad data record")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_train)
@@ -600,18 +603,28 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_pairs
     from .reports import REPORT_MD, headline
-    from .runs import LAST, RUN_STATE
+    from .runs import read_saved_run
     from .train import fit
 
-    config = config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
     out = Path(args.out)
-    if (out / LAST / RUN_STATE).is_file() and not args.resume:
+    saved = read_saved_run(out)
+    if saved is not None and not args.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    pairs = load_pairs(args.data, strict=args.strict)
+    if args.resume:
+        if saved is None:
+            raise UsageError(f"nothing to resume: {out} holds no training run (drop --resume to start one)")
+        config, data = _resume_settings(saved, args)
+        print(saved.describe(), file=sys.stderr)
+    else:
+        if not args.data:
+            raise UsageError("--data is required (a manifest or a Dataloop export folder)")
+        config = config_from_args(args.config, args.set, {"model_name": args.model} if args.model else {})
+        data = args.data
+    pairs = load_pairs(data, strict=args.strict)
     for problem in pairs.problems:
         print(f"skipped {problem}", file=sys.stderr)
     print(f"data: {pairs.summary()}", file=sys.stderr)
-    result = fit(config, pairs, out, resume=args.resume)
+    result = fit(config, pairs, out, resume=args.resume, data_source=str(Path(data).resolve()))
     if args.json:
         print_json(result.report)
     else:
@@ -620,6 +633,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"report:  {out / REPORT_MD}")
         print(f"curves:  {out / 'curves.png'}, metrics: {out / 'metrics.jsonl'}")
     return EXIT_OK
+
+
+def _resume_settings(saved, args: argparse.Namespace):
+    """The run's configuration with what this command line may still change, and its data."""
+    from .config import ClipConfig
+    from .runs import resumed_config
+
+    overrides = [(f"--config {args.config} ({key})", key, value)
+                 for key, value in _config_file(args.config).items()] if args.config else []
+    overrides += [(f"--set {assignment}", *_parse_assignment(assignment, "--set")) for assignment in args.set]
+    if args.model:
+        overrides.append((f"--model {args.model}", "model_name", args.model))
+    config = ClipConfig.from_dict(resumed_config(saved, overrides))
+    data = args.data or saved.data
+    if not data:
+        raise UsageError(f"{saved.run_dir} does not record its data (an older run): pass --data")
+    if not Path(data).exists():
+        raise UsageError(f"the run's data {data} is not there any more; pass --data with where it is now")
+    return config, data
 
 
 def add_demo(sub) -> None:

@@ -84,6 +84,65 @@ class RunState:
     finished: bool = False
     stopped_early: bool = False
     history: list[EpochRecord] = field(default_factory=list)
+    data: Optional[str] = None   # where the pairs came from: `train --resume` reuses it
+
+
+@dataclass
+class SavedRun:
+    """What a run folder's last/RUN_STATE says about the run, read without torch."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    epoch: int
+    finished: bool
+    data: Optional[str]
+
+    @property
+    def num_epochs(self) -> int:
+        return int(self.config.get("num_epochs", 0))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.get("model_name"))
+
+    def describe(self) -> str:
+        done = " (it had finished: only its report is written again)" if self.finished else ""
+        return f"resuming {self.run_dir} from epoch {self.epoch} of {self.num_epochs}, model {self.model_name}{done}"
+
+
+def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
+    """The run in `run_dir`, or None when it holds none yet."""
+    path = Path(run_dir) / LAST / RUN_STATE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return SavedRun(Path(run_dir), dict(saved["config"]), int(saved["epoch"]), bool(saved["finished"]),
+                        saved.get("data"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the run's state ({exc})") from None
+
+
+def resumed_config(saved: SavedRun, overrides: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+    """The run's own configuration, with `overrides` (what the user gave, key, value) that resuming allows.
+
+    Only RESUMABLE_CHANGES may differ from the run's values; any other difference is a ConfigError
+    that names what the user gave (e.g. `--set batch_size=128`), so they know what to drop.
+    """
+    from .config import ClipConfig  # validation normalises values (2e-5 and 0.00002 are one rate)
+
+    config = dict(saved.config)
+    for given, key, value in overrides:
+        normalised = ClipConfig.from_dict({**saved.config, key: value}).to_dict()
+        changed = sorted(k for k in normalised if normalised[k] != saved.config.get(k))
+        refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+        if refused:
+            was = ", ".join(f"{k}={json.dumps(saved.config.get(k))}" for k in refused)
+            raise ConfigError(f"cannot resume {saved.run_dir} with {given}: the run was started with {was}, and "
+                              f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume; drop {given}, "
+                              f"or train into a new --out")
+        config.update({k: normalised[k] for k in changed})
+    return config
 
 
 def check_resumable(saved: dict[str, Any], fresh: RunState, directory: Path) -> None:

@@ -62,12 +62,13 @@ PROGRESS_EVERY = 10  # steps between loss readings for the progress bar (each re
 def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir: Union[str, Path], *,
         clip: Optional[ClipModel] = None, resume: bool = False,
         on_epoch_end: Optional[Callable[[EpochRecord, int], None]] = None,
-        show_progress: bool = True) -> FitResult:
+        show_progress: bool = True, data_source: Optional[str] = None) -> FitResult:
     """Fine-tune `clip` (or `config.model_name`) on the 'train' pairs, validating on 'validation'.
 
     `resume=True` continues from `run_dir/last` when it exists (else starts fresh); a resumed run
     ends exactly where an uninterrupted one would. `on_epoch_end(record, num_epochs)` is called
-    after each epoch's checkpoints are written. Returns the final model, loaded into `clip`.
+    after each epoch's checkpoints are written. `data_source` (where `data` was read from) is kept
+    in the run's state for `train --resume`. Returns the final model, loaded into `clip`.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     start_weights = cpu_state(clip) if config.wise_ft_alpha is not None else None
     stopper = EarlyStopping(config.monitor, patience=config.early_stopping_epochs, min_delta=config.min_delta)
     state = RunState(config=config.to_dict(), data_fingerprint=pairs_fingerprint(train_pairs, val_pairs),
-                     start_fingerprint=clip.fingerprint)
+                     start_fingerprint=clip.fingerprint, data=data_source)
     metrics_log = run_dir / METRICS_LOG
 
     last = run_dir / LAST
