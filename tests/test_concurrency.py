@@ -1,6 +1,7 @@
 """One ClipAdapter serves several executions at once: a service with `concurrency` N runs up to N
 executions in threads of one process, on the adapter it loaded once (dataloop.json runs clip-cpu
-and clip-dataset with concurrency > 1). Concurrent calls must give the vectors sequential ones give.
+and clip-dataset with concurrency > 1). Concurrent calls must give the vectors and zero-shot
+predictions that sequential ones give.
 
 Real ClipAdapter with the `tiny` model, real dtlpy `embed_items`, items that really download from
 file:// URLs; only the model's server update is faked (dataloop_fakes.offline_model), and
@@ -83,3 +84,30 @@ def test_concurrent_embed_of_texts_and_images_gives_the_sequential_vectors(adapt
         results = list(pool.map(run, range(THREADS)))
     for offset, vectors in enumerate(results):
         np.testing.assert_allclose(np.array(vectors), np.array(expected[offset:] + expected[:offset]), atol=1e-5)
+
+
+def test_concurrent_zero_shot_predictions_equal_the_sequential_ones(items, tmp_path):
+    """clip-cpu also runs predict_items 10 at a time; the class vectors are built once and shared."""
+    adapter = ClipAdapter()
+    adapter.model_entity = offline_model({"model_name": "tiny", "embeddings_size": DIM},
+                                         labels=["red square", "green circle", "blue sky"])
+    adapter.load(str(tmp_path))
+    prepared = [adapter.prepare_item_func(it) for it in items]
+
+    def scores(collections):
+        return [[(a.label, a.metadata["user"]["model"]["confidence"]) for a in c.annotations] for c in collections]
+
+    expected = scores(adapter.predict(prepared))
+    assert sum(len(per_item) for per_item in expected) == 7  # one label per image, none for the texts
+    start = threading.Barrier(THREADS)
+
+    def run(_):
+        start.wait()
+        return scores(adapter.predict(prepared))
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        for result in pool.map(run, range(THREADS)):
+            assert [[label for label, _ in per_item] for per_item in result] == \
+                [[label for label, _ in per_item] for per_item in expected]
+            np.testing.assert_allclose([s for per_item in result for _, s in per_item],
+                                       [s for per_item in expected for _, s in per_item], atol=1e-5)
