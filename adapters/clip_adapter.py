@@ -209,7 +209,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         """
         import shutil
 
-        from adapters.clip.data import load_pairs
+        from adapters.clip.manifests import load_pairs
         from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
         from adapters.clip.reports import name_output
         from adapters.clip.runs import BEST, LAST, WISE_FT
@@ -256,7 +256,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         """
         import tempfile
 
-        from adapters.clip.data import load_pairs
+        from adapters.clip.manifests import load_pairs
         from adapters.clip.evaluate import evaluate_pairs
 
         self._require_loaded()
@@ -289,7 +289,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from adapters.clip.data import prompt_images_to_download
+        from adapters.clip.exports import prompt_images_to_download
 
         wanted = prompt_images_to_download(data_path)
         if not wanted:
@@ -304,7 +304,7 @@ class ClipAdapter(dl.BaseModelAdapter):
     @staticmethod
     def _fetch_prompt_image(data_path: str, item_id: str) -> Optional[str]:
         """Download one prompt image; the reason it failed, or None."""
-        from adapters.clip.data import prompt_image_target
+        from adapters.clip.prompt_images import prompt_image_target
         from adapters.clip.files import atomic_path
 
         try:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from adapters.clip.files import write_json_atomic
+from adapters.clip.items import caption_annotation_json, prompt_item_json, stream_url
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -36,7 +37,6 @@ TRAIN_TEMPLATES = ("a {colour} {shape} in the {corner}", "{corner}: a {colour} {
                    "a picture of a {colour} {shape}, {corner} corner")
 VALIDATION_TEMPLATE = "a {colour} {shape} in the {corner}"
 IMAGE_SIZE = 64
-STREAM_URL = "https://gate.dataloop.ai/api/v1/items/{}/stream"
 
 # From scratch: large learning rate, short warmup, a few dozen epochs (docs/fine-tuning.md).
 DEMO_CONFIG: dict[str, Any] = {
@@ -95,15 +95,11 @@ def write_prompt_export(root: Path, seed: int = 0) -> dict[str, int]:
         image_path = root / "prompt_images" / f"{image_id}.png"
         image_path.parent.mkdir(parents=True, exist_ok=True)
         draw_shape(spec["colour"], spec["shape"], spec["corner"], rng).save(image_path)
-        prompt = {"shebang": "dataloop", "metadata": {"dltype": "prompt"},
-                  "prompts": {"1": [{"mimetype": "image/*", "value": STREAM_URL.format(image_id)},
-                                    {"mimetype": "metadata", "value": {"role": "user"}}]}}
         item = {"id": prompt_id, "name": f"{name}.json", "filename": f"/shapes/{name}.json", "type": "file",
                 "metadata": {"system": {"mimetype": "application/json", "shebang": {"dltype": "prompt"}}},
-                "annotations": [{"id": f"a{prompt_id[1:]}", "type": "text", "label": "free-text",
-                                 "coordinates": spec["caption"], "metadata": {"system": {"promptId": "1"}}}],
+                "annotations": [caption_annotation_json(spec["caption"], "1", annotation_id=f"a{prompt_id[1:]}")],
                 "annotationsCount": 1}
-        write_json_atomic(root / subset / "items" / "shapes" / f"{name}.json", prompt)
+        write_json_atomic(root / subset / "items" / "shapes" / f"{name}.json", prompt_item_json(stream_url(image_id)))
         write_json_atomic(root / subset / "json" / "shapes" / f"{name}.json", item)
         counts[subset] = counts.get(subset, 0) + 1
     return counts
@@ -166,7 +162,7 @@ def quiet_dtlpy_logs() -> None:
 
 def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path) -> dict:
     from adapters.clip.config import ClipConfig
-    from adapters.clip.data import load_pairs
+    from adapters.clip.manifests import load_pairs
     from adapters.clip.models import save_checkpoint
     from adapters.clip.train import fit
 
@@ -179,7 +175,7 @@ def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Pa
 # ---- before / after ------------------------------------------------------------------------
 def compare_models(data_dir: Path, model_dir: Path, out: Path) -> dict[str, dict[str, float]]:
     """Evaluate the starting and the trained model on validation; draw their top images per query."""
-    from adapters.clip.data import load_pairs
+    from adapters.clip.manifests import load_pairs
     from adapters.clip.evaluate import EvalData, evaluate_pairs
     from adapters.clip.models import load_model
 

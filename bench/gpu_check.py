@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.clip.config import ClipConfig  # noqa: E402
-from adapters.clip.data import CaptionPair  # noqa: E402
+from adapters.clip.pairs import CaptionPair  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
 from adapters.clip.models import load_model  # noqa: E402
 from adapters.clip.train import fit  # noqa: E402

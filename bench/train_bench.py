@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from adapters import demo  # noqa: E402
 from adapters.clip.config import ClipConfig  # noqa: E402
-from adapters.clip.data import load_pairs  # noqa: E402
+from adapters.clip.manifests import load_pairs  # noqa: E402
 from adapters.clip.evaluate import EvalData, evaluate_pairs  # noqa: E402
 from adapters.clip.models import load_model  # noqa: E402
 from adapters.clip.train import (BatchLoader, ContrastiveTask, UniqueBatchSampler, WarmupCosine,  # noqa: E402

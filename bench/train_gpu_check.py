@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from adapters.clip.config import ClipConfig  # noqa: E402
-from adapters.clip.data import CaptionPair  # noqa: E402
+from adapters.clip.pairs import CaptionPair  # noqa: E402
 from adapters.clip.models import load_model, read_state_dict  # noqa: E402
 from adapters.clip.train import BatchLoader, ContrastiveTask, fit  # noqa: E402
 from conftest import pattern_image  # noqa: E402

@@ -129,7 +129,8 @@ def test_convert_from_dtlpy_downloads_the_images_prompt_items_point_to(tmp_path,
     Faked: `dl.items.get` (a server call) returns a real dl.Item whose binary is a local file."""
     import dtlpy as dl
 
-    from adapters.clip.data import load_pairs, prompt_images_to_download
+    from adapters.clip.exports import prompt_images_to_download
+    from adapters.clip.manifests import load_pairs
     from test_data import export_with_bad_records
 
     export_with_bad_records(tmp_path)
@@ -178,7 +179,7 @@ def test_evaluate_scores_the_datasets_captioned_items_and_reports_metrics(tmp_pa
 
     import dtlpy as dl
 
-    from adapters.clip.data import load_pairs
+    from adapters.clip.manifests import load_pairs
     from adapters.clip.evaluate import evaluate_pairs
     from test_train import write_default_layout_export
 

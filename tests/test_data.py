@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from adapters.clip.cli import main
-from adapters.clip.data import (CaptionPair, DataProblem, PairSet, convert_export, find_export_subsets,
-                                load_pairs, prompt_image_target, prompt_images_to_download, read_export,
-                                read_manifest, write_export, write_manifest)
+from adapters.clip.exports import find_export_subsets, prompt_images_to_download, read_export, write_export
+from adapters.clip.manifests import convert_export, load_pairs, read_manifest, write_manifest
+from adapters.clip.pairs import CaptionPair, DataProblem, PairSet
+from adapters.clip.prompt_images import prompt_image_target
 from adapters.clip.errors import DataError
 
 from conftest import pattern_image
@@ -264,7 +265,7 @@ def test_not_an_export_or_missing_path_is_a_clear_error(tmp_path):
 def test_fixtures_agree_with_dtlpy_serialisers():
     """Our prompt JSON / annotation shapes are what the real SDK produces and parses (offline)."""
     import dtlpy as dl
-    from adapters.clip.data import caption_annotation_json, prompt_item_json
+    from adapters.clip.items import caption_annotation_json, prompt_item_json
 
     prompt = dl.PromptItem(name="p.json")
     prompt.add(message={"content": [{"mimetype": dl.PromptType.IMAGE, "value": stream("65f1c0a9e1b2c3d4e5f6bb01")}]})

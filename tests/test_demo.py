@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from adapters.clip.cli import main
-from adapters.clip.data import load_pairs
+from adapters.clip.manifests import load_pairs
 from adapters.clip.models import load_model
 
 

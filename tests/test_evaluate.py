@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adapters.clip.cli import main
-from adapters.clip.data import CaptionPair, DataProblem, write_manifest
+from adapters.clip.manifests import write_manifest
+from adapters.clip.pairs import CaptionPair, DataProblem
 from adapters.clip.embed import Embedder
 from adapters.clip.evaluate import (EvalData, class_embeddings, evaluate_embeddings, evaluate_pairs)
 from adapters.clip.metrics import retrieval_metrics, zero_shot_accuracy

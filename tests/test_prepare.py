@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from adapters.clip.cli import main
-from adapters.clip.data import (caption_annotation_json, load_pairs, prepare_folder, read_export,
-                                split_by_image)
+from adapters.clip.exports import read_export
+from adapters.clip.folders import prepare_folder
+from adapters.clip.items import caption_annotation_json
+from adapters.clip.manifests import load_pairs
+from adapters.clip.splits import split_by_image
 from adapters.clip.errors import DataError
 from utils.prepare_dataset import (PromptItemPlan, caption_for_item, directory_name, plan_prompt_item,
                                    plan_prompt_items)

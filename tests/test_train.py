@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from adapters.clip.config import ClipConfig
-from adapters.clip.data import CaptionPair, load_pairs, write_manifest
+from adapters.clip.manifests import load_pairs, write_manifest
+from adapters.clip.pairs import CaptionPair
 from adapters.clip.errors import ConfigError, DataError
 from adapters.clip.models import CHECKPOINT_WEIGHTS, load_model, read_checkpoint_info, read_state_dict
 from adapters.clip.train import (BatchLoader, ContrastiveTask, EarlyStopping, UniqueBatchSampler, WarmupCosine,

@@ -28,9 +28,10 @@ from typing import Any, Iterable, Optional
 if __package__ in (None, ""):  # run as a script: make `adapters` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.clip.data import (DATALOOP_STREAM_URL, DEFAULT_TEMPLATE, KNOWN_SUBSETS, DataProblem,  # noqa: E402
-                                is_image_item, item_description, item_subset_tags, prompt_item_json,
-                                template_caption)
+from adapters.clip.folders import DEFAULT_TEMPLATE, template_caption  # noqa: E402
+from adapters.clip.items import (is_image_item, item_description, item_subset_tags, prompt_item_json,  # noqa: E402
+                                 stream_url)
+from adapters.clip.pairs import KNOWN_SUBSETS, DataProblem  # noqa: E402
 from adapters.clip.errors import DataError  # noqa: E402
 
 log = logging.getLogger("prepare_dataset")
@@ -73,8 +74,9 @@ def item_subset(item_json: dict) -> Optional[str]:
     return tags[0] if len(tags) == 1 else None
 
 
-def stream_url(item_json: dict) -> str:
-    return item_json.get("stream") or DATALOOP_STREAM_URL.format(item_json["id"])
+def item_stream_url(item_json: dict) -> str:
+    """The URL the prompt uses for this image item: the one dtlpy gave it, else built from its id."""
+    return item_json.get("stream") or stream_url(item_json["id"])
 
 
 def plan_prompt_item(item_json: dict, template: str = DEFAULT_TEMPLATE) -> PromptItemPlan:
@@ -96,7 +98,7 @@ def plan_prompt_item(item_json: dict, template: str = DEFAULT_TEMPLATE) -> Promp
     if subset:
         metadata["system"] = {"tags": {name_: (True if name_ == subset else None) for name_ in KNOWN_SUBSETS}}
     return PromptItemPlan(source_item_id=item_json["id"], name=name, remote_path=folder or "/",
-                          prompt=prompt_item_json(stream_url(item_json)), caption=caption,
+                          prompt=prompt_item_json(item_stream_url(item_json)), caption=caption,
                           caption_source=source, subset=subset, metadata=metadata)
 
 

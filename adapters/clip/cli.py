@@ -295,7 +295,7 @@ def _parse_assignment(assignment: str, option: str) -> tuple[str, object]:
 
 def _manifest_attributes(path: str) -> dict[str, dict]:
     """Manifest rows -> {absolute image path: subset, caption, metadata} (first caption of an image wins)."""
-    from .data import read_manifest
+    from .manifests import read_manifest
     pairs = read_manifest(path)
     for problem in pairs.problems:
         print(f"manifest: skipped {problem.source}: {problem.reason}", file=sys.stderr)
@@ -448,7 +448,7 @@ def add_prepare(sub) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_folder
+    from .folders import prepare_folder
     if not 0.0 <= args.val < 1.0:
         raise UsageError("--val must be in [0, 1)")
     if "{}" not in args.template:
@@ -468,7 +468,7 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .data import read_export
+    from .exports import read_export
     if not Path(args.export_dir).is_dir():
         raise UsageError(f"{args.export_dir}: not a folder")
     return _finish_manifest(read_export(args.export_dir), args)
@@ -476,7 +476,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _finish_manifest(result, args: argparse.Namespace) -> int:
     """Report skipped records, honour --strict, write the manifest, print a summary."""
-    from .data import write_manifest
+    from .manifests import write_manifest
     from .errors import DataError
     for problem in result.problems:
         print(f"skipped {problem}", file=sys.stderr)
@@ -511,7 +511,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ClipConfig
-    from .data import load_pairs
+    from .manifests import load_pairs
     from .evaluate import EvalData, evaluate_pairs
     from .models import load_model
 
@@ -601,7 +601,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_pairs
+    from .manifests import load_pairs
     from .reports import REPORT_MD, headline
     from .runs import read_saved_run
     from .train import fit

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .data import CaptionPair, DataProblem
+from .pairs import CaptionPair, DataProblem
 from .metrics import DEFAULT_KS, retrieval_metrics, zero_shot_accuracy
 from .progress import progress_bar
 

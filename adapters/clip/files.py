@@ -1,7 +1,9 @@
-"""Atomic writes: build beside the target, fsync, rename over it.
+"""Files on disk: atomic writes, and the data readers' tolerant reads.
 
-A process killed at any moment leaves either the old file (or directory) or the new one,
-never half of either. Every module that writes something a user keeps goes through here.
+Writes build beside the target, fsync, rename over it: a process killed at any moment leaves
+either the old file (or directory) or the new one, never half of either. Every module that
+writes something a user keeps goes through here. Reads of data files (JSON, CSV) say what is
+wrong with a file instead of raising deep inside a reader.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
+
+from .errors import DataError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -82,3 +86,25 @@ def swap_in(tmp: Path, directory: Path) -> None:
         os.replace(tmp, directory)
         shutil.rmtree(backup, ignore_errors=True)
     fsync_dir(directory.parent)
+
+
+# ---- tolerant reads -----------------------------------------------------------------------------
+class JsonError(str):
+    """A JSON file (or line) that could not be read; the text says why."""
+
+
+def read_json(path: Path) -> Any:
+    """The file's JSON, or a `JsonError` saying why not (the caller records it and goes on)."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        return JsonError(f"{type(exc).__name__}: {exc}")
+
+
+def open_csv(path: Path, what: str) -> IO[str]:
+    """A CSV opened for csv.DictReader (a BOM from spreadsheet exports is dropped)."""
+    try:
+        return open(path, "r", encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

@@ -1,4 +1,10 @@
-"""What a Dataloop item is, for embedding: an image, a text, or a prompt item's text.
+"""Dataloop items as JSON: what an item is and what its JSON says.
+
+- for embedding: an image, a text, or a prompt item's text (`item_kind`, `decode_payload`);
+- in an export: its captions (`free-text` annotations, text in `coordinates`), description,
+  class label and ML subset, and the image a prompt item references (`prompt_image_ref`);
+- built offline (prepare_dataset, demos, tests): a prompt item's file, a caption annotation,
+  the stream URL one item uses to reference another.
 
 Pure functions over item JSON and bytes, so they run and are tested without dtlpy.
 The adapter downloads; this module decides what the bytes mean.
@@ -6,10 +12,19 @@ The adapter downloads; this module decides what the bytes mean.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .images import IMAGE_SUFFIXES
 
 IMAGE, TEXT, PROMPT, UNSUPPORTED = "image", "text", "prompt", "unsupported"
+CAPTION_LABEL = "free-text"
+DATALOOP_STREAM_URL = "https://gate.dataloop.ai/api/v1/items/{}/stream"
+
+_STREAM_ID = re.compile(r"/items/([0-9A-Za-z_-]+)/stream")
+_ITEM_ID = re.compile(r"^[0-9a-f]{24}$")
 
 
 @dataclass
@@ -80,3 +95,137 @@ def decode_payload(kind: str, raw: bytes) -> tuple[Any, Optional[str]]:
             return None, f"prompt item is not valid JSON ({exc})"
         return (" ".join(texts), None) if texts else (None, "prompt item has no text prompt")
     return None, "unsupported item type (CLIP embeds images, texts and prompt items)"
+
+
+# ---- what an exported item's JSON says: captions, description, label, subset ----------------
+def is_prompt_item(item: dict) -> bool:
+    system = _system(item)
+    shebang = system.get("shebang")
+    if isinstance(shebang, dict) and shebang.get("dltype") == "prompt":
+        return True
+    return str(system.get("mimetype", "")).startswith("application/json") and str(
+        item.get("filename", "")).lower().endswith(".json")
+
+
+def is_image_item(item: dict) -> bool:
+    mimetype = str(_system(item).get("mimetype", "")).lower()
+    if mimetype:
+        return mimetype.startswith("image/")
+    return Path(str(item.get("filename", ""))).suffix.lower() in IMAGE_SUFFIXES
+
+
+def caption_annotations(item: dict) -> Iterator[dict]:
+    """The item's `free-text` annotations (Dataloop stores their text in `coordinates`)."""
+    for annotation in item.get("annotations") or []:
+        if isinstance(annotation, dict) and annotation.get("label") == CAPTION_LABEL:
+            yield annotation
+
+
+def annotation_text(annotation: dict) -> Optional[str]:
+    """The text of a free-text annotation, stripped; None when it has none."""
+    value = annotation.get("coordinates")
+    if isinstance(value, dict):  # some exports nest it: {"text": ...}
+        value = value.get("text")
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def annotation_prompt_id(annotation: dict) -> Optional[str]:
+    prompt_id = _system(annotation).get("promptId")
+    return str(prompt_id) if prompt_id is not None else None
+
+
+def item_description(item: dict) -> Optional[str]:
+    """The item's description, wherever this export keeps it.
+
+    dtlpy 1.126 serialises it at the top level (`description`) and also reads
+    `metadata.description.text`; the earlier adapter read `metadata.system.description`.
+    """
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    nested = metadata.get("description")
+    for value in (item.get("description"), nested.get("text") if isinstance(nested, dict) else None,
+                  _system(item).get("description")):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def item_label(item: dict) -> Optional[str]:
+    """A class label for zero-shot accuracy: a 'class' annotation, else metadata.user.label."""
+    for annotation in item.get("annotations") or []:
+        if isinstance(annotation, dict) and annotation.get("type") == "class" and annotation.get("label"):
+            return str(annotation["label"])
+    user = (item.get("metadata") or {}).get("user") or {}
+    label = user.get("label") if isinstance(user, dict) else None
+    return str(label) if isinstance(label, (str, int)) and str(label).strip() else None
+
+
+def item_subset_tags(item: dict) -> list[str]:
+    """The ML subsets an item is tagged with (dtlpy's `item.set_ml_subset` writes these)."""
+    tags = _system(item).get("tags") or {}
+    return [name for name, on in tags.items() if on is True] if isinstance(tags, dict) else []
+
+
+def _system(obj: dict) -> dict:
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    system = metadata.get("system") if isinstance(metadata, dict) else None
+    return system if isinstance(system, dict) else {}
+
+
+def item_label_for_source(item: dict) -> str:
+    item_id = item.get("id") or "?"
+    name = item.get("filename") or item.get("name") or "?"
+    return f"item {item_id} ({name})"
+
+
+# ---- prompt items' images: references to other items -----------------------------------------
+def prompt_image_ref(prompt_json: dict, prompt_id: Optional[str] = None) -> Optional[str]:
+    """The image reference of prompt `prompt_id` (else of the first prompt that has an image)."""
+    prompts = prompt_json.get("prompts") if isinstance(prompt_json, dict) else None
+    if not isinstance(prompts, dict):
+        return None
+    keys = [prompt_id] if prompt_id is not None and prompt_id in prompts else sorted(prompts, key=prompt_order)
+    for key in keys:
+        for part in prompts.get(key) or []:
+            if isinstance(part, dict) and str(part.get("mimetype", "")).lower().startswith("image/"):
+                value = part.get("value")
+                if isinstance(value, str) and value.strip():
+                    return value.strip()
+    return None
+
+
+def ref_item_id(ref: str) -> Optional[str]:
+    """The Dataloop item id in an image reference: a stream URL `.../items/<id>/stream` or a bare id."""
+    match = _STREAM_ID.search(ref)
+    if match:
+        return match.group(1)
+    return ref if is_item_id(ref) else None
+
+
+def is_item_id(text: str) -> bool:
+    """Dataloop's id shape: 24 hex digits."""
+    return bool(_ITEM_ID.match(text))
+
+
+# ---- building item JSON (prompt items, caption annotations): prepare_dataset, demos, tests ------
+def stream_url(item_id: str) -> str:
+    """The URL a prompt item uses to reference another item's file (`ref_item_id` reads it back)."""
+    return DATALOOP_STREAM_URL.format(item_id)
+
+
+def prompt_item_json(image_ref: str) -> dict[str, Any]:
+    """A prompt item's file content with the image as the (user) prompt: dtlpy's PromptItem shape.
+
+    The caption is not in here: on the platform it is a `free-text` annotation of the item
+    (`caption_annotation_json`).
+    """
+    return {"shebang": "dataloop", "metadata": {"dltype": "prompt"},
+            "prompts": {"1": [{"mimetype": "image/*", "value": image_ref},
+                              {"mimetype": "metadata", "value": {"role": "user"}}]}}
+
+
+def caption_annotation_json(text: str, prompt_id: str = "1", annotation_id: Optional[str] = None) -> dict[str, Any]:
+    """A caption as Dataloop exports it: a `text` annotation labelled `free-text`, text in `coordinates`."""
+    return {"id": annotation_id, "type": "text", "label": CAPTION_LABEL, "coordinates": text,
+            "metadata": {"system": {"promptId": prompt_id}}}

@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:  # annotations only: loading a model's module would pull in torch
     from .models import ClipModel
-    from .data import CaptionPair
+    from .pairs import CaptionPair
 
 BEST, LAST, WISE_FT = "best", "last", "wise_ft"
 TRAINER_STATE = "trainer.pt"   # optimizer, scaler, torch RNG: tensors, loaded with weights_only=True

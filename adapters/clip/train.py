@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ClipConfig
-from .data import CaptionPair, PairSet
+from .pairs import CaptionPair, PairSet
 from .embed import Embedder
 from .progress import progress_bar
 from .errors import CheckpointError, ConfigError, DataError, InputError
