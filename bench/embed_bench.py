@@ -128,7 +128,7 @@ def decode_cost(clip, paths: list[Path]) -> float:
     embedder = Embedder(clip, num_workers=0)
     start = time.perf_counter()
     for path in paths[:16]:
-        embedder._prepare(path)
+        embedder.prepare(path)
     return (time.perf_counter() - start) / min(16, len(paths))
 
 

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adapters.clip.embed import Embedder, Embeddings
@@ -208,3 +209,19 @@ def test_numpy_preprocess_matches_open_clip_transform(tiny):
         torch_pixels = tiny.preprocess(image)
         assert fast(image).shape == torch_pixels.shape
         assert (fast(image) - torch_pixels).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_prepared_decodes_in_input_order_with_reasons_for_failures(tiny, workers):
+    """The decode half of iter_images, public for callers that encode later (evaluation)."""
+    embedder = Embedder(tiny, num_workers=workers)
+    sources = [pattern_image(0), b"not an image", pattern_image(1), pattern_image(0)]
+    prepared = list(embedder.iter_prepared(sources, ahead=2))
+    assert [p.error is None for p in prepared] == [True, False, True, True]
+    assert "image" in prepared[1].error and prepared[1].tensor is None
+    assert prepared[0].tensor.shape == (3, tiny.image_size, tiny.image_size)
+    assert torch.equal(prepared[0].tensor, prepared[3].tensor)
+    assert not torch.equal(prepared[0].tensor, prepared[2].tensor)
+    assert torch.equal(embedder.prepare(sources[2]).tensor, prepared[2].tensor)
+    encoded = tiny.encode_images(torch.stack([prepared[0].tensor, prepared[2].tensor]))
+    np.testing.assert_allclose(encoded, embedder.embed_images([sources[0], sources[2]]).vectors, atol=1e-5)

@@ -266,3 +266,22 @@ def test_contact_sheet_survives_unreadable_images(tmp_path):
         assert image.size[1] > 2 * 96 and image.mode == "RGB"
         pixels = np.asarray(image)
     assert (pixels == [215, 215, 215]).all(axis=2).sum() > 1000  # grey tiles for the unreadable ones
+
+
+def test_searcher_loads_the_ann_index_once_per_store_and_refresh_drops_it(tmp_path):
+    from adapters.clip.search import _ann_state
+
+    vectors = clustered(3000, seed=5)
+    with Store.open(tmp_path / "store", create=ModelBinding("synthetic", "3" * 32, DIM)) as store:
+        store.add_vectors([f"/c/{i}.png" for i in range(2500)], vectors[:2500])
+        refresh_ann(store, build=True)
+        key = _ann_state(store.data_dir)["file"]
+        assert store.cached_search_index(key) is None
+        assert Searcher(store, ann="on").search(vectors[3], k=3).method == "ann"
+        loaded = store.cached_search_index(key)
+        assert isinstance(loaded, AnnIndex)
+        Searcher(store, ann="on").search(vectors[4], k=3)
+        assert store.cached_search_index(key) is loaded  # a second searcher reuses it
+        store.add_vectors([f"/d/{i}.png" for i in range(500)], vectors[2500:])
+        assert "extended by 500" in refresh_ann(store)
+        assert store.cached_search_index(_ann_state(store.data_dir)["file"]) is None

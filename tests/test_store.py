@@ -364,3 +364,36 @@ def test_compaction_drops_dead_rows_and_keeps_results(tmp_path):
         reference = np.argsort(-(current @ query))[:5]
         assert [h.path for h in result.hits] == [paths[i] for i in reference]
         assert json.loads((store.data_dir / MATRIX_STATE).read_text())["epoch"] == 1
+
+
+# ---- what indexing and search read through the store's public methods ---------------------------
+def test_store_answers_indexing_by_folder_file_and_whole_store(photos, embedder, tmp_path):
+    folder, paths = photos
+    root = tmp_path / "store"
+    assert Store.current_data_name(root) is None  # no store yet
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    index(root, embedder, [folder], IndexOptions(**QUIET))
+    sub = str(folder / "sub dir")
+    with Store.open(root) as store:
+        assert Store.current_data_name(root) == store.data_dir.name
+        assert store.paths() == {str(p) for p in paths}
+        assert set(store.items_in([sub])) == {str(folder / "sub dir" / "c d.jpg")}
+        assert set(store.items_in(files=[str(paths[0])])) == {str(paths[0])}
+        assert set(store.items_in([sub], [str(paths[0])])) == {str(folder / "sub dir" / "c d.jpg"), str(paths[0])}
+        assert set(store.items_in(everything=True)) == store.paths()
+        assert set(store.failures_in([str(folder)])) == {str(folder / "broken.jpg")}
+        assert store.failures_in([sub]) == {}
+        assert set(store.failures_in(everything=True)) == {str(folder / "broken.jpg")}
+
+
+def test_store_keeps_one_search_index_under_its_key(tmp_path):
+    with Store.open(tmp_path / "store", create=ModelBinding("synthetic", "e" * 32, 4)) as store:
+        assert store.cached_search_index("ann-1.faiss") is None
+        kept = object()
+        store.keep_search_index("ann-1.faiss", kept)
+        assert store.cached_search_index("ann-1.faiss") is kept
+        assert store.cached_search_index("ann-2.faiss") is None  # another file on disk now
+        assert store.cached_search_index("ann-1.faiss") is None  # ... so the old one was dropped
+        store.keep_search_index("ann-1.faiss", kept)
+        store.forget_search_index()
+        assert store.cached_search_index("ann-1.faiss") is None

@@ -71,8 +71,10 @@ class Embeddings:
 
 
 @dataclass
-class _Prepared:
-    tensor: Optional[torch.Tensor]
+class Prepared:
+    """One image decoded and preprocessed for the model, or why it could not be."""
+
+    tensor: Optional[torch.Tensor]  # (3, H, W)
     error: Optional[str]
 
 
@@ -133,26 +135,35 @@ class Embedder:
     def iter_images(self, sources: Iterable[ImageSource], batch_size: Optional[int] = None) -> Iterator[Embeddings]:
         """Yield one `Embeddings` per batch; decoding of later batches overlaps encoding."""
         size = batch_size or self.batch_size
+        yield from self._batches(self.iter_prepared(sources, ahead=2 * size), size)
+
+    def iter_prepared(self, sources: Iterable[ImageSource], ahead: Optional[int] = None,
+                      thread_name: str = "clip-decode") -> Iterator[Prepared]:
+        """Each source decoded and preprocessed (no encoding), in input order: the decode half of
+        `iter_images`, for callers that encode later (evaluation caches the pixels between epochs).
+
+        `ahead` decode jobs are kept in flight on `num_workers` threads (default: two batches).
+        """
         if self.num_workers == 0:
-            yield from self._batches((self._prepare(s) for s in sources), size)
+            yield from (self.prepare(s) for s in sources)
             return
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode") as pool:
-            yield from self._batches(self._prefetched(pool, sources, ahead=2 * size), size)
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix=thread_name) as pool:
+            yield from self._prefetched(pool, sources, ahead=ahead or 2 * self.batch_size)
 
     def _prefetched(self, pool: ThreadPoolExecutor, sources: Iterable[ImageSource],
-                    ahead: int) -> Iterator[_Prepared]:
+                    ahead: int) -> Iterator[Prepared]:
         """Keep `ahead` decode jobs in flight; yield results in input order."""
         pending: deque[Future] = deque()
         for source in sources:
-            pending.append(pool.submit(self._prepare, source))
+            pending.append(pool.submit(self.prepare, source))
             if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
-    def _batches(self, prepared: Iterable[_Prepared], size: int) -> Iterator[Embeddings]:
+    def _batches(self, prepared: Iterable[Prepared], size: int) -> Iterator[Embeddings]:
         offset = 0
-        chunk: list[_Prepared] = []
+        chunk: list[Prepared] = []
         for item in prepared:
             chunk.append(item)
             if len(chunk) == size:
@@ -162,7 +173,7 @@ class Embedder:
         if chunk:
             yield self._image_batch(chunk, offset)
 
-    def _image_batch(self, chunk: list[_Prepared], offset: int) -> Embeddings:
+    def _image_batch(self, chunk: list[Prepared], offset: int) -> Embeddings:
         vectors = np.full((len(chunk), self.dim), np.nan, dtype=np.float32)
         errors = {i: p.error for i, p in enumerate(chunk) if p.error is not None}
         good = [i for i, p in enumerate(chunk) if p.error is None]
@@ -171,15 +182,16 @@ class Embedder:
             vectors[good] = self.clip.encode_images(pixels)
         return Embeddings(vectors, errors, offset)
 
-    def _prepare(self, source: ImageSource) -> _Prepared:
+    def prepare(self, source: ImageSource) -> Prepared:
+        """Decode and preprocess one image; a failure is returned with its reason, never raised."""
         try:
             image = load_image(source, max_pixels=self.max_pixels, draft_size=self.clip.image_size)
-            return _Prepared(self._to_pixels(image), None)
+            return Prepared(self._to_pixels(image), None)
         except InputError as exc:
-            return _Prepared(None, str(exc))
+            return Prepared(None, str(exc))
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-image run
             log.debug("unexpected failure preparing an image", exc_info=True)
-            return _Prepared(None, f"cannot prepare image: {type(exc).__name__}: {exc}")
+            return Prepared(None, f"cannot prepare image: {type(exc).__name__}: {exc}")
 
 
 def numpy_preprocess(preprocess: Callable) -> Callable[[Image.Image], torch.Tensor]:

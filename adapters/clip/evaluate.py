@@ -212,7 +212,8 @@ def _preprocess_images(clip, images: list[Path], num_workers: int, show_progress
     bar = progress_bar(len(images), "eval images") if show_progress else None
     failures: dict[int, str] = {}
     tensors = []
-    for index, prepared in enumerate(_prepared(embedder, images)):
+    for index, prepared in enumerate(embedder.iter_prepared(
+            images, ahead=4 * embedder.num_workers, thread_name="clip-eval-decode")):
         if prepared.error is not None:
             failures[index] = prepared.error
         else:
@@ -224,17 +225,6 @@ def _preprocess_images(clip, images: list[Path], num_workers: int, show_progress
     size = clip.image_size
     pixels = torch.stack(tensors) if tensors else torch.zeros((0, 3, size, size))
     return pixels, failures
-
-
-def _prepared(embedder, images: list[Path]):
-    """The Embedder's own decode path (same errors, same threads), without encoding."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if embedder.num_workers == 0:
-        yield from (embedder._prepare(image) for image in images)
-        return
-    with ThreadPoolExecutor(embedder.num_workers, thread_name_prefix="clip-eval-decode") as pool:
-        yield from embedder._prefetched(pool, images, ahead=4 * embedder.num_workers)
 
 
 def _encode_texts(clip, texts: Sequence[str], batch_size: int) -> np.ndarray:

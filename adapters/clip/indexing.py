@@ -27,7 +27,7 @@ from .files import write_text_atomic
 from .images import IMAGE_SUFFIXES
 from .photos import photo_metadata
 from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, HASH_BLOCK, REINDEX_PREFIX, FileStat, ItemRecord,
-                    ModelBinding, Scope, Store, Transaction, _read_current, writer_lock)
+                    ModelBinding, Store, Transaction, writer_lock)
 
 if TYPE_CHECKING:
     from .embed import Embedder
@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------
 # Finding files
 # --------------------------------------------------------------------------------------
+@dataclass
+class Scope:
+    """Which stored items an index run speaks for: those it may find vanished."""
+
+    folders: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    everything: bool = False
+
+
 def scan_files(paths: Iterable[str | os.PathLike], suffixes: frozenset[str] = IMAGE_SUFFIXES
                ) -> tuple[list[FileStat], Scope, list[tuple[str, str]]]:
     """Image files under `paths` (folders walked, hidden entries skipped), their scope, and problems.
@@ -223,7 +232,7 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
                 summary = IndexSummary(str(root), binding.name, scanned=len(files), reindexed=True)
                 _fail_problems(summary, problems)
                 _update(new, embedder, files, Scope(everything=True), merged, summary)
-                kept = {path for (path,) in new.conn.execute("SELECT path FROM items")}
+                kept = new.paths()
                 summary.removed = sum(1 for path in attributes if path not in kept)
                 _finish(new, options, summary)
         final = root / f"{DATA_PREFIX}{_next_data_number(root)}"
@@ -256,7 +265,7 @@ def _next_data_number(root: Path) -> int:
 
 def _remove_stale_data_dirs(root: Path) -> None:
     """Data folders CURRENT no longer names (left by a finished re-index). Caller holds the writer lock."""
-    current = _read_current(root)
+    current = Store.current_data_name(root)
     if current is None:
         return
     for folder in root.glob(DATA_PREFIX + "*"):
@@ -326,8 +335,8 @@ class _IndexPass:
     def __init__(self, store: Store, embedder: "Embedder", files: list[FileStat], scope: Scope,
                  options: IndexOptions, summary: IndexSummary):
         self.store, self.embedder, self.files, self.options, self.summary = store, embedder, files, options, summary
-        self.known = store.items_in_scope(scope)
-        self.known_failures = store.failures_in_scope(scope)
+        self.known = store.items_in(scope.folders, scope.files, everything=scope.everything)
+        self.known_failures = store.failures_in(scope.folders, scope.files, everything=scope.everything)
         self.seen = {f.path for f in files}
         self.vanished = {p: r for p, r in self.known.items() if p not in self.seen}
         self.vanished_by_hash: dict[str, list[ItemRecord]] = defaultdict(list)

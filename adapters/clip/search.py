@@ -291,11 +291,11 @@ def refresh_ann(store: Store, *, build: bool = False, threshold: int = ANN_THRES
         if ann is not None:
             added = ann.extend(snapshot)
             ann.save(store.data_dir)
-            store._ann_cache.clear()
+            store.forget_search_index()
             return f"ANN index extended by {added} vectors ({ann.describe()})"
     ann = AnnIndex.build(snapshot)
     ann.save(store.data_dir)
-    store._ann_cache.clear()
+    store.forget_search_index()
     return f"ANN index built in {ann.build_seconds:.1f} s: {ann.describe()}"
 
 
@@ -497,20 +497,18 @@ class Searcher:
         if mode == "auto" and snapshot.n_live < self.threshold:
             return None
         state = _ann_state(self.store.data_dir)
-        cache = self.store._ann_cache
-        if cache.get("file") != state.get("file") or "index" not in cache:
-            cache.clear()
-            loaded = AnnIndex.load(self.store.data_dir)
-            if loaded is not None:
-                cache.update(file=loaded.file, index=loaded)
-        index: Optional[AnnIndex] = cache.get("index")
+        index: Optional[AnnIndex] = self.store.cached_search_index(state.get("file"))
+        if index is None:
+            index = AnnIndex.load(self.store.data_dir)
+            if index is not None:
+                self.store.keep_search_index(index.file, index)
         if index is not None and index.epoch != snapshot.state.epoch:
             index = None  # rows were renumbered since (compaction): the index no longer fits
         if index is None and mode == "on":
             index = AnnIndex.build(snapshot)
             with contextlib.suppress(OSError):
                 index.save(self.store.data_dir)
-            cache.update(file=index.file, index=index)
+            self.store.keep_search_index(index.file, index)
         return index
 
     @staticmethod

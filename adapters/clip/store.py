@@ -502,7 +502,7 @@ class Store:
         self.binding = ModelBinding(meta["model_name"], meta["model_fingerprint"], int(meta["dim"]))
         self.matrix = VectorMatrix(data_dir, self.binding.dim)
         self._snapshot: Optional[MatrixSnapshot] = None
-        self._ann_cache: dict[str, Any] = {}  # search.py keeps its loaded ANN index here
+        self._search_index: Optional[tuple[Any, Any]] = None  # (key, index): search.py's loaded ANN index
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -528,6 +528,11 @@ class Store:
             raise StoreError(f"store {root} is damaged: {root / CURRENT} names {current!r}, which has no "
                              f"{DB_FILE}; rebuild it with `index --reindex` or delete the folder")
         return cls.open_data_dir(root, data_dir)
+
+    @staticmethod
+    def current_data_name(root: Path) -> Optional[str]:
+        """The name of the live data folder in `root` (what CURRENT says), or None when there is no store."""
+        return _read_current(Path(root))
 
     @classmethod
     def open_data_dir(cls, root: Path, data_dir: Path) -> "Store":
@@ -560,7 +565,7 @@ class Store:
 
     def close(self) -> None:
         self._snapshot = None
-        self._ann_cache.clear()
+        self.forget_search_index()
         self.conn.close()
 
     def __enter__(self) -> "Store":
@@ -612,6 +617,10 @@ class Store:
         row = self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE path = ?",
                                 (os.path.abspath(path),)).fetchone()
         return _record(row) if row else None
+
+    def paths(self) -> set[str]:
+        """Every stored item's path."""
+        return {path for (path,) in self.conn.execute("SELECT path FROM items")}
 
     def iter_items(self) -> Iterator[ItemRecord]:
         for row in self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items ORDER BY path"):
@@ -795,32 +804,51 @@ class Store:
         log.info("%s: compacted the vector matrix to %d rows", self.data_dir, len(pairs))
 
     # ---- index bookkeeping ---------------------------------------------------------------
-    def items_in_scope(self, scope: "Scope") -> dict[str, ItemRecord]:
+    def items_in(self, folders: Sequence[str] = (), files: Sequence[str] = (), *,
+                 everything: bool = False) -> dict[str, ItemRecord]:
+        """{path: record} of the items under `folders` and at `files` (all of them with `everything`)."""
         query = f"SELECT {_ITEM_COLUMNS} FROM items"
-        if scope.everything:
+        if everything:
             return {r[1]: _record(r) for r in self.conn.execute(query)}
         found: dict[str, ItemRecord] = {}
-        for root in scope.folders:
+        for root in folders:
             low, high = _prefix_range(root)
             for r in self.conn.execute(query + " WHERE path > ? AND path < ?", (low, high)):
                 found[r[1]] = _record(r)
-        for path in scope.files:
+        for path in files:
             r = self.conn.execute(query + " WHERE path = ?", (path,)).fetchone()
             if r:
                 found[r[1]] = _record(r)
         return found
 
-    def failures_in_scope(self, scope: "Scope") -> dict[str, tuple[int, int, str]]:
+    def failures_in(self, folders: Sequence[str] = (), files: Sequence[str] = (), *,
+                    everything: bool = False) -> dict[str, tuple[int, int, str]]:
+        """{path: (size, mtime_ns, reason)} of the recorded failures under `folders` and at `files`."""
         query = "SELECT path, size, mtime_ns, reason FROM failures"
         rows: list[tuple] = []
-        if scope.everything:
+        if everything:
             rows = self.conn.execute(query).fetchall()
         else:
-            for root in scope.folders:
+            for root in folders:
                 rows += self.conn.execute(query + " WHERE path > ? AND path < ?", _prefix_range(root)).fetchall()
-            for path in scope.files:
+            for path in files:
                 rows += self.conn.execute(query + " WHERE path = ?", (path,)).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    # ---- a search index kept while the store is open ---------------------------------------
+    def cached_search_index(self, key: Any) -> Any:
+        """The index kept by `keep_search_index` under `key`, else None (one under another key is dropped)."""
+        if self._search_index is not None and self._search_index[0] != key:
+            self._search_index = None
+        return self._search_index[1] if self._search_index is not None else None
+
+    def keep_search_index(self, key: Any, index: Any) -> None:
+        """Keep a loaded search index (search.py's ANN index) for the next query on this store."""
+        self._search_index = (key, index)
+
+    def forget_search_index(self) -> None:
+        """Drop the kept index: it was rebuilt or extended on disk."""
+        self._search_index = None
 
 
 def _prefix_range(folder: str) -> tuple[str, str]:
@@ -929,14 +957,3 @@ def _read_current(root: Path) -> Optional[str]:
     if not name or "/" in name or name.startswith("."):
         raise StoreError(f"{root / CURRENT} is damaged (names {name!r}); rebuild the store with `index --reindex`")
     return name
-
-
-@dataclass
-class Scope:
-    """Which stored items an index run speaks for: those it may find vanished."""
-
-    folders: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    everything: bool = False
-
-
