@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import ClipAdapterError, WeightsUnavailableError
+from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .progress import progress_bar
 
@@ -27,12 +29,13 @@ class UsageError(Exception):
 
 # ---- shared helpers ----------------------------------------------------------------------
 def expand_paths(paths: Iterable[str], suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """Files as given, folders walked recursively for image files; sorted within each folder."""
+    """Files as given, folders walked recursively for image files (hidden ones too); sorted within each folder."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes))
+            walked = walk_images(path, hidden=True, suffixes=suffixes)
+            found.extend(sorted(Path(p) for p in walked if os.path.isfile(p)))
         else:
             found.append(path)  # a missing file is reported per item, not fatal
     return found

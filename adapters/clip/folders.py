@@ -13,6 +13,7 @@ from typing import Optional
 
 from .errors import DataError
 from .files import open_csv
+from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .pairs import CaptionPair, DataProblem, PairSet
 from .splits import split_by_image
@@ -86,8 +87,7 @@ def prepare_folder(folder: str | Path, *, val: float = 0.2, seed: int = 0,
     if "{}" not in template:
         raise DataError(f"caption template {template!r} has no '{{}}' for the directory name")
     csv_captions = read_captions_csv(captions_csv) if captions_csv else {}
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    images = sorted(Path(p) for p in walk_images(root) if os.path.isfile(p))  # hidden files and folders skipped
     if not images:
         raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     fixed = _fixed_subsets(root)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 from .progress import progress_bar
 from .errors import InputError
 from .files import write_text_atomic
+from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .photos import photo_metadata
 from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, HASH_BLOCK, REINDEX_PREFIX, FileStat, ItemRecord,
@@ -83,14 +84,10 @@ def _walk(folder: str, suffixes: frozenset[str], problems: list[tuple[str, str]]
     def report(error: OSError) -> None:
         problems.append((error.filename or folder, f"cannot list folder: {error.strerror or error}"))
 
-    for current, dirs, files in os.walk(folder, onerror=report):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in suffixes:
-                continue
-            stat = _stat(os.path.join(current, name), problems)
-            if stat:
-                yield stat
+    for path in walk_images(folder, suffixes=suffixes, on_error=report):
+        stat = _stat(path, problems)
+        if stat:
+            yield stat
 
 
 def _stat(path: str, problems: list[tuple[str, str]]) -> Optional[FileStat]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
-from .images import IMAGE_SUFFIXES
+from .image_files import has_image_suffix, walk_images
 from .items import is_item_id, ref_item_id
 
 # Where images referenced by prompt items are looked for (and where a downloader should put
@@ -70,7 +70,7 @@ class PromptImageResolver:
             listing = {}
             if folder.is_dir():
                 for path in sorted(folder.iterdir()):
-                    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    if has_image_suffix(path.name) and path.is_file():
                         listing.setdefault(path.stem, path)
             self._listings[folder] = listing
         return listing.get(prompt_file.stem)
@@ -79,12 +79,10 @@ class PromptImageResolver:
         """{item id: file} for image files named by an item id, anywhere under the root (walked once)."""
         if self._by_id is None:
             self._by_id = {}
-            for folder, dirs, files in os.walk(self.root):
-                dirs.sort()
-                for name in sorted(files):
-                    stem, suffix = os.path.splitext(name)
-                    if suffix.lower() in IMAGE_SUFFIXES and is_item_id(stem):
-                        self._by_id.setdefault(stem, Path(folder) / name)
+            for path in walk_images(self.root, hidden=True):
+                stem = os.path.splitext(os.path.basename(path))[0]
+                if is_item_id(stem):
+                    self._by_id.setdefault(stem, Path(path))
         return self._by_id
 
 
