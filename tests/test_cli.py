@@ -79,3 +79,25 @@ def test_usage_and_model_errors_exit_non_zero_with_one_line(args, code):
     result = run(*args)
     assert result.returncode == code
     assert result.stderr.strip() and "Traceback" not in result.stderr
+
+
+def test_nothing_to_evaluate_and_an_unwritable_output_are_one_line_errors(folder, tmp_path):
+    """Typed library errors and OSErrors about a user's path: exit 1, one line, no traceback."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not an image")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "broken/x.png", "caption": "a cat", "subset": "validation"}) + "\n")
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way of the output folder")
+    cases = [
+        (run("eval", "--model", "tiny", "--device", "cpu", "--data", str(manifest)),
+         "error: nothing to evaluate: all 1 images failed to load"),
+        (run("embed", str(folder), "--model", "tiny", "--device", "cpu", "--out", str(blocker / "emb")),
+         f"error: {blocker}: File exists"),
+    ]
+    for result, message in cases:
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("error")] == [message]
+        assert result.stderr.strip().splitlines()[-1] == message

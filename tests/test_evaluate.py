@@ -134,3 +134,10 @@ def test_models_with_the_same_preprocessing_share_cached_pixels(tiny, pairs):
         Path(image).unlink()
     other = load_model("tiny", device="cpu")  # a second model object, same eval transform settings
     assert evaluate_pairs(other, data)["failed_images"] == 0
+
+
+def test_nothing_to_evaluate_is_a_typed_data_error(tiny):
+    from adapters.clip.errors import ClipAdapterError
+
+    with pytest.raises(ClipAdapterError, match="nothing to evaluate: no caption pairs"):
+        evaluate_pairs(tiny, [])

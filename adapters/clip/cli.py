@@ -1,7 +1,8 @@
 """The local command line: `python -m adapters.clip COMMAND ...`.
 
-Each command is a few lines over the library. Library errors (`ClipAdapterError`) become one
-line on stderr and exit code 1; usage errors exit 2 (argparse's convention).
+Each command is a few lines over the library. Library errors (`ClipAdapterError`) and paths that
+cannot be read or written (`OSError`) become one line on stderr and exit code 1; usage errors
+exit 2 (argparse's convention).
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def expand_paths(paths: Iterable[str], suffixes: frozenset[str] = IMAGE_SUFFIXES
         else:
             found.append(path)  # a missing file is reported per item, not fatal
     return found
+
+
+def os_error_message(exc: OSError) -> str:
+    """'PATH: reason' ('File exists', 'Permission denied', ...) for an OSError about a path."""
+    if exc.filename is None:
+        return str(exc.strerror or exc)
+    return f"{exc.filename}: {exc.strerror or exc}"
 
 
 def print_json(data: object) -> None:
@@ -705,6 +713,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_ERROR
     except ClipAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a path the user gave cannot be read or written: one line, not a traceback
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -45,8 +45,8 @@ class InputError(ClipAdapterError):
     """One input (an image or a text) cannot be embedded. Carries the reason."""
 
 
-class DataError(ClipAdapterError):
-    """Training or evaluation data is missing or malformed."""
+class DataError(ClipAdapterError, ValueError):
+    """Training or evaluation data is missing or malformed (a ValueError too, like ConfigError)."""
 
 
 class StoreError(ClipAdapterError):

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import DataError
 from .pairs import CaptionPair, DataProblem
 from .metrics import DEFAULT_KS, retrieval_metrics, zero_shot_accuracy
 from .progress import progress_bar
@@ -129,14 +130,14 @@ def evaluate_pairs(clip, pairs: Union[Sequence[CaptionPair], EvalData], *, batch
     data = pairs if isinstance(pairs, EvalData) else EvalData.from_pairs(pairs)
     report = on_problem or _log_problem
     if not data.images:
-        raise ValueError("nothing to evaluate: no caption pairs")
+        raise DataError("nothing to evaluate: no caption pairs")
     image_emb, failures = embed_eval_images(clip, data, batch_size=batch_size, num_workers=num_workers,
                                             show_progress=show_progress, cache_pixels=cache_pixels)
     for index, reason in sorted(failures.items()):
         report(DataProblem(data.image_sources[index] if data.image_sources else str(data.images[index]), reason))
     kept = data.without_images(set(failures))
     if not kept.images or not kept.captions:
-        raise ValueError(f"nothing to evaluate: all {len(data.images)} images failed to load")
+        raise DataError(f"nothing to evaluate: all {len(data.images)} images failed to load")
     image_emb = np.delete(image_emb, sorted(failures), axis=0) if failures else image_emb
     text_emb = _encode_texts(clip, kept.captions, batch_size)
     class_emb, labels, n_classes = None, None, 0
