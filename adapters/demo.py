@@ -1,4 +1,7 @@
-"""`python -m adapters.clip demo`: the whole fine-tuning story, offline, in well under a minute.
+"""`python -m adapters.demo`: the whole fine-tuning story, offline, in well under a minute.
+
+An app-level command, not one of the library's (`python -m adapters.clip ...`): it trains through
+`ClipAdapter` (dtlpy), and the library never imports the app.
 
 1. Draw a captioned dataset (coloured shapes in the four corners: "a red circle in the top left")
    and write it the way Dataloop's `prepare_data` lays out prompt items: `<subset>/items/` holds
@@ -16,6 +19,7 @@ the corner, which caps Recall@1 near 25% (chance: 2%); the query sheets show it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -248,3 +252,25 @@ def run_demo(out: str | Path = "out/demo", *, epochs: Optional[int] = None, quie
     say(f"queries:  {summary['queries'][0]}  /  {summary['queries'][1]}")
     say(f"summary:  {out / 'demo_summary.json'}  ({summary['seconds']:.0f} s)")
     return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from adapters.clip.cli import positive_int, run_command
+
+    parser = argparse.ArgumentParser(prog="python -m adapters.demo",
+                                     description="offline end-to-end demo: make a captioned dataset, fine-tune "
+                                                 "tiny through ClipAdapter.train, report")
+    parser.add_argument("--out", default="out/demo", help="folder for the data, model and reports (default out/demo)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the demo's own)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args(argv)
+
+    def demo() -> int:
+        run_demo(args.out, epochs=args.epochs)
+        return 0
+
+    return run_command(demo, parser.prog, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,17 +1,21 @@
-"""`python -m adapters.clip demo`, shortened to a few epochs: real files, the real tiny model,
+"""`python -m adapters.demo`, shortened to a few epochs: real files, the real tiny model,
 ClipAdapter.train with a model entity built offline (its server calls replaced, see demo.py)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from PIL import Image
 
-from adapters.clip.cli import main
 from adapters.clip.manifests import load_pairs
 from adapters.clip.models import load_model
+from adapters.demo import main
 
 
 def test_demo_builds_data_trains_through_the_adapter_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "3"]) == 0
+    assert main(["--out", str(out), "--epochs", "3"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo_summary.json").read_text())
     # The data is a Dataloop export of prompt items that the project's reader understands.
@@ -48,3 +52,18 @@ def test_the_demo_does_not_print_dtlpys_debug_log(tmp_path):
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert done.returncode == 0, done.stderr
     assert "DEBUG dtlpy" not in done.stderr and "COOKIE" not in done.stderr
+
+
+def test_demo_is_its_own_entry_point_and_not_a_library_command():
+    """`python -m adapters.demo` (the app's); the library's command line has no `demo` (it never imports the app)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    shown = subprocess.run([sys.executable, "-m", "adapters.demo", "--help"], capture_output=True, text=True,
+                           cwd=root, env=env, timeout=120)
+    assert shown.returncode == 0 and "--out" in shown.stdout and "--epochs" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "adapters.demo", "--epochs", "0"], capture_output=True,
+                             text=True, cwd=root, env=env, timeout=120)
+    assert refused.returncode == 2 and "must be >= 1" in refused.stderr and "Traceback" not in refused.stderr
+    library = subprocess.run([sys.executable, "-m", "adapters.clip", "--help"], capture_output=True, text=True,
+                             cwd=root, env=env, timeout=120)
+    assert library.returncode == 0 and "train" in library.stdout and "demo" not in library.stdout

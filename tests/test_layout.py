@@ -1,4 +1,6 @@
-"""The library under adapters/clip runs without the platform: no module of it imports dtlpy."""
+"""The library under adapters/clip runs without the platform and without the app: no module of it
+imports dtlpy, `adapters.clip_adapter` or `adapters.demo` (read from the source, lazy imports included),
+and its modules import each other without a cycle."""
 import ast
 import os
 import pkgutil
@@ -41,6 +43,10 @@ def library_imports(path: Path) -> set[str]:
                 base = f"{parent}.{base}" if base else parent
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value)  # importlib.import_module("dtlpy") is an import too
     return names
 
 
@@ -91,3 +97,27 @@ def test_library_imports_reads_relative_and_function_level_imports(tmp_path):
 def test_library_has_no_import_cycle():
     """Lazy and TYPE_CHECKING imports count too: a cycle hidden inside a function is still a cycle."""
     assert find_cycle(library_graph()) == []
+
+
+APP_MODULES = ("dtlpy", "adapters.clip_adapter", "adapters.demo")
+
+
+def app_imports(names: set[str]) -> list[str]:
+    return sorted(n for n in names if any(n == app or n.startswith(app + ".") for app in APP_MODULES))
+
+
+def test_app_imports_are_seen_at_any_depth(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text("def cmd():\n    if True:\n        from ..demo import run_demo\n"
+                      "class A:\n    def f(self):\n        import adapters.clip_adapter as app\n"
+                      "from dtlpy.entities import Item\nimport adapters.clip.store\n"
+                      "importlib.import_module('adapters.demo')\n")
+    found = set(app_imports(library_imports(source)))
+    assert {"adapters.demo", "adapters.demo.run_demo", "adapters.clip_adapter", "dtlpy.entities"} <= found
+    assert not any(name.startswith("adapters.clip.") for name in found)
+
+
+def test_no_library_module_imports_the_app_or_dtlpy_even_lazily():
+    offenders = {path.relative_to(ROOT).as_posix(): app_imports(library_imports(path))
+                 for path in sorted(LIBRARY.glob("*.py"))}
+    assert {path: names for path, names in offenders.items() if names} == {}

@@ -594,7 +594,7 @@ def format_metrics_table(results: dict[str, dict]) -> str:
 DATA_COMMANDS: list[Callable] = [add_prepare, add_convert, add_eval]
 
 
-# ---- training (train, demo) ------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model on caption pairs (manifest or Dataloop export)")
     p.add_argument("--data", help="a manifest (.jsonl/.csv) or a Dataloop export folder with 'train' and "
@@ -665,22 +665,7 @@ def _resume_settings(saved, args: argparse.Namespace):
     return config, data
 
 
-def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="offline end-to-end demo: make a captioned dataset, fine-tune tiny, report")
-    p.add_argument("--out", default="out/demo", help="folder for the data, model and reports (default out/demo)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the demo's own)")
-    p.set_defaults(handler=cmd_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from adapters.demo import run_demo  # app level: it trains through ClipAdapter (dtlpy) when installed
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError("--epochs must be >= 1")
-    run_demo(args.out, epochs=args.epochs)
-    return EXIT_OK
-
-
-TRAIN_COMMANDS: list[Callable] = [add_train, add_demo]
+TRAIN_COMMANDS: list[Callable] = [add_train]
 
 
 REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TRAIN_COMMANDS
@@ -701,12 +686,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    return run_command(lambda: args.handler(args), f"{parser.prog} {args.command}", verbose=args.verbose)
+
+
+def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False) -> int:
+    """Run one command as the edge of the library: logging set up, errors made one line.
+
+    Also the edge of app-level commands (the demo, `python -m adapters.demo`), so they read the same.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        return command()
     except UsageError as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except WeightsUnavailableError as exc:
         print(f"error: {exc.told_as('use `--model PATH`, PATH being')}", file=sys.stderr)
