@@ -37,7 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.clip.search import AnnIndex, Searcher, exact_search_batch, refresh_ann  # noqa: E402
+from adapters.clip.ann import AnnIndex, refresh_ann  # noqa: E402
+from adapters.clip.exact import exact_search_batch  # noqa: E402
+from adapters.clip.search import Searcher  # noqa: E402
 from adapters.clip.indexing import IndexOptions, index  # noqa: E402
 from adapters.clip.store import DB_FILE, ROWS_FILE, VECTORS_FILE, ModelBinding, Store  # noqa: E402
 

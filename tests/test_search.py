@@ -15,8 +15,9 @@ from PIL import Image
 from adapters.clip.cli import main
 from adapters.clip.errors import InputError
 from adapters.clip.models import load_model, save_checkpoint
-from adapters.clip.search import (AnnIndex, Filters, Searcher, Term, exact_search, exact_search_batch, parse_query,
-                                  query_vector, refresh_ann)
+from adapters.clip.ann import AnnIndex, ann_state, refresh_ann
+from adapters.clip.exact import exact_search, exact_search_batch
+from adapters.clip.search import Filters, Searcher, Term, parse_query, query_vector
 from adapters.clip.sheets import contact_sheet
 from adapters.clip.store import ModelBinding, Store
 from conftest import pattern_image
@@ -269,13 +270,11 @@ def test_contact_sheet_survives_unreadable_images(tmp_path):
 
 
 def test_searcher_loads_the_ann_index_once_per_store_and_refresh_drops_it(tmp_path):
-    from adapters.clip.search import _ann_state
-
     vectors = clustered(3000, seed=5)
     with Store.open(tmp_path / "store", create=ModelBinding("synthetic", "3" * 32, DIM)) as store:
         store.add_vectors([f"/c/{i}.png" for i in range(2500)], vectors[:2500])
         refresh_ann(store, build=True)
-        key = _ann_state(store.data_dir)["file"]
+        key = ann_state(store.data_dir)["file"]
         assert store.cached_search_index(key) is None
         assert Searcher(store, ann="on").search(vectors[3], k=3).method == "ann"
         loaded = store.cached_search_index(key)
@@ -284,4 +283,4 @@ def test_searcher_loads_the_ann_index_once_per_store_and_refresh_drops_it(tmp_pa
         assert store.cached_search_index(key) is loaded  # a second searcher reuses it
         store.add_vectors([f"/d/{i}.png" for i in range(500)], vectors[2500:])
         assert "extended by 500" in refresh_ann(store)
-        assert store.cached_search_index(_ann_state(store.data_dir)["file"]) is None
+        assert store.cached_search_index(ann_state(store.data_dir)["file"]) is None

@@ -123,7 +123,7 @@ class IndexOptions:
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # abs path -> subset/caption/metadata
     batch_size: int = 64
     show_progress: bool = True
-    ann: str = "auto"                              # auto | build | off (see search.refresh_ann)
+    ann: str = "auto"                              # auto | build | off (see ann.refresh_ann)
     photo_metadata: bool = True                    # read taken/year/month/camera/size/GPS (photos.py)
     on_batch: Optional[Callable[["IndexSummary"], None]] = None  # after each committed batch
 
@@ -249,7 +249,7 @@ def _finish(store: Store, options: IndexOptions, summary: IndexSummary) -> None:
     if store.needs_compaction():
         store.compact()
     if options.ann != "off":
-        from .search import refresh_ann  # FAISS is only needed for large stores
+        from .ann import refresh_ann  # FAISS is only needed for large stores
         summary.ann = refresh_ann(store, build=options.ann == "build")
     summary.items = store.count()
 
