@@ -75,3 +75,4 @@ def platform(fake_dataloop_server, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     yield state
     assert not state.unimplemented, f"dtlpy called endpoints the fake platform lacks: {state.unimplemented}"
+

@@ -118,9 +118,25 @@ class FakeGate:
     def get_me(self, request: Request) -> Reply:
         return Reply(self.state.user)
 
+    @route("POST", "/sdk/check")
+    def check_sdk(self, request: Request) -> Reply:
+        """dtlpy's background version check (some releases): no advice."""
+        return Reply({"level": "debug", "msg": "fake Dataloop platform: no SDK version advice"})
+
     @route("GET", f"/projects/{ID}")
     def get_project(self, request: Request) -> Reply:
         return Reply(self.state.projects[request.match[1]])
+
+    @route("GET", f"/packages/{ID}")
+    def get_package(self, request: Request) -> Reply:
+        return Reply(self.state.packages[request.match[1]])
+
+    @route("GET", f"/drivers/{ID}")
+    def get_driver(self, request: Request) -> Reply:
+        """Every dataset is on Dataloop's own storage (older uploaders ask for the driver's path)."""
+        return Reply({"id": request.match[1], "name": request.match[1], "type": "dl", "integrationType": "dl",
+                      "path": None, "metadata": {}, "creator": self.state.user["email"], "createdAt": now_iso(),
+                      "allowExternalDelete": False, "allowExternalModification": False})
 
     # ---- datasets ----------------------------------------------------------------------------
     @route("GET", f"/datasets/{ID}")

@@ -43,6 +43,7 @@ class PlatformState:
         self.executions: dict[str, dict] = {}
         self.commands: dict[str, dict] = {}
         self.services: dict[str, dict] = {}
+        self.packages: dict[str, dict] = {}
         self.requests: list[str] = []          # "METHOD /path" of every request, in order
         self.unimplemented: list[str] = []     # requests the fake has no route for
         # What a deployed model service does with an execution (see FakeDataloop.on_execution).
@@ -137,17 +138,32 @@ class PlatformState:
             self.add_annotation(item["id"], "text", "free-text", caption, {"system": {"promptId": "1"}})
         return item
 
+    def add_package(self, project_id: str, name: str = "clip-model-adapter") -> dict:
+        """The model's package (the app's code); older dtlpy fetches it whenever a model is set on an adapter."""
+        with self.lock:
+            package_id = self.new_id()
+            package = {"id": package_id, "name": name, "projectId": project_id, "type": "ml", "version": "1.0.0",
+                       "creator": self.user["email"], "createdAt": now_iso(), "updatedAt": now_iso(),
+                       "codebase": {"type": "git", "gitUrl": "https://example.invalid/clip.git", "gitTag": "0.0.0"},
+                       "modules": [{"name": "model-adapter", "entryPoint": "adapters/clip_adapter.py",
+                                    "className": "ClipAdapter", "functions": []}],
+                       "requirements": [], "metadata": {}, "url": f"{self.base_url}/packages/{package_id}"}
+            self.packages[package_id] = package
+            return package
+
     def add_model(self, project_id: str, name: str, configuration: dict, dataset_id: Optional[str] = None,
                   labels: Optional[list] = None, input_type: str = "image", output_type: str = "embedding",
                   subsets: Optional[dict] = None, status: str = "created", service_ids: tuple = (),
-                  metadata: Optional[dict] = None) -> dict:
+                  metadata: Optional[dict] = None, package_id: Optional[str] = None) -> dict:
+        """A model as the platform holds one (a new package for it unless `package_id` is given)."""
         with self.lock:
+            package_id = package_id or self.add_package(project_id)["id"]
             model_id = self.new_id()
             system = {"subsets": subsets or {}, **((metadata or {}).get("system", {}))}
             if service_ids:
                 system["deploy"] = {"services": list(service_ids)}
             model = {"id": model_id, "name": name, "projectId": project_id, "datasetId": dataset_id,
-                     "packageId": None, "artifacts": [], "configuration": copy.deepcopy(configuration),
+                     "packageId": package_id, "artifacts": [], "configuration": copy.deepcopy(configuration),
                      "metadata": {**(metadata or {}), "system": system}, "status": status,
                      "inputType": input_type, "outputType": output_type, "labels": list(labels or []),
                      "tags": [], "description": None, "scope": "project", "version": "1.0.0",
