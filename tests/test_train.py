@@ -124,6 +124,19 @@ def test_a_pair_that_fits_no_batch_waits_instead_of_training_alone():
 
 
 # ---- the optimizer: weight_decay, learning_rate, epsilon, betas, grad_clip_norm --------------
+def test_few_unique_captions_are_said_to_shrink_the_batches(pairs, tmp_path, capsys):
+    folder_captions = [CaptionPair(image=Path(f"/data/{i}.png"), caption=f"a photo of a {i % 7}", subset="train")
+                       for i in range(76)]
+    note = UniqueBatchSampler(folder_captions, 16).shortfall()
+    assert note.startswith("11 steps of ~7 pairs per epoch: only 7 unique captions; batch_size=16 cannot be filled")
+    assert UniqueBatchSampler(folder_captions, 4).shortfall() is None  # 7 captions fill batches of 4
+    varied = [CaptionPair(image=Path(f"/data/{i}.png"), caption=f"photo {i}", subset="train") for i in range(76)]
+    assert UniqueBatchSampler(varied, 16).shortfall() is None
+    few = [CaptionPair(image=p.image, caption=f"a photo of a {i % 3}", subset=p.subset) for i, p in enumerate(pairs)]
+    fit(config(num_epochs=1), few, tmp_path)
+    assert "pairs per epoch: only 3 unique captions; batch_size=8 cannot be filled" in capsys.readouterr().err
+
+
 def test_weight_decay_groups_leave_out_biases_norms_embeddings_and_logit_scale(tiny):
     task = ContrastiveTask(tiny)
     optimizer = build_optimizer(task, config(weight_decay=0.2))

@@ -82,6 +82,7 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     optimizer = build_optimizer(task, config)
     scaler = torch.amp.GradScaler(clip.device.type, enabled=clip.precision == "fp16")
     sampler = UniqueBatchSampler(train_pairs, config.batch_size, seed=config.seed)
+    say(sampler.shortfall(), show_progress)
     schedule = WarmupCosine(config.learning_rate, total_steps=sampler.steps_per_epoch * config.num_epochs,
                             warmup_ratio=config.warmup_ratio)
     loader = BatchLoader(train_pairs, clip, num_workers=config.num_workers)
@@ -245,6 +246,20 @@ class UniqueBatchSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = max(1, len(self.plan(1)))
+
+    def shortfall(self) -> Optional[str]:
+        """Why batches stay well below batch_size, when repeated captions or images are the cause.
+
+        Folder-name captions ("a photo of a dog") give few distinct texts; each batch holds each once.
+        """
+        mean = len(self.keys) / self.steps_per_epoch
+        captions, images = len({c for _, c in self.keys}), len({i for i, _ in self.keys})
+        if mean >= 0.9 * self.batch_size or min(captions, images) >= self.batch_size:
+            return None
+        scarce = f"only {captions} unique captions" if captions <= images else f"only {images} unique images"
+        return (f"{self.steps_per_epoch} steps of ~{mean:.0f} pairs per epoch: {scarce}; batch_size="
+                f"{self.batch_size} cannot be filled (a batch holds each caption and image once; more varied "
+                f"captions fill it: docs/fine-tuning.md)")
 
     def plan(self, epoch: int, shuffle: bool = True) -> list[list[int]]:
         """The batches (lists of pair indices) of one epoch; the same for the same (seed, epoch)."""
@@ -707,6 +722,14 @@ def seed_everything(seed: int) -> None:
 # ======================================================================================
 # Logging
 # ======================================================================================
+def say(note: Optional[str], show: bool) -> None:
+    """A note about the run for the log, and for the person watching (stderr) when progress is shown."""
+    if note:
+        log.info(note)
+        if show:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+
+
 def report_epoch(record: EpochRecord, config: ClipConfig, show: bool) -> None:
     val = record.val
     line = (f"epoch {record.epoch}/{config.num_epochs}: train loss {record.train_loss:.4f}, val loss "
