@@ -397,3 +397,28 @@ def test_store_keeps_one_search_index_under_its_key(tmp_path):
         store.keep_search_index("ann-1.faiss", kept)
         store.forget_search_index()
         assert store.cached_search_index("ann-1.faiss") is None
+
+def test_a_bare_index_rescans_the_folders_the_store_was_given(tmp_path, capsys):
+    from adapters.clip.cli import main
+
+    folder, extra = tmp_path / "pics", tmp_path / "one.png"
+    folder.mkdir()
+    for i in range(2):
+        pattern_image(i).save(folder / f"{i}.png")
+    pattern_image(5).save(extra)
+    store = str(tmp_path / "store")
+    base = ["--store", store, "--model", "tiny", "--device", "cpu", "--json"]
+    assert main(["index", "--store", store, "--model", "tiny"]) == 2  # a new store: nothing to rescan
+    assert "has none to rescan" in capsys.readouterr().err
+    assert main(["index", str(folder), str(extra), *base]) == 0
+    assert main(["index", str(folder / "0.png"), *base]) == 0  # under a known folder: no new root
+    pattern_image(7).save(folder / "new.png")
+    capsys.readouterr()
+    assert main(["index", *base]) == 0
+    out = capsys.readouterr()
+    assert f"rescanning the store's folders: {extra}, {folder}" in out.err  # sorted
+    summary = json.loads(out.out)
+    assert (summary["added"], summary["unchanged"], summary["removed"], summary["items"]) == (1, 3, 0, 4)
+    assert main(["index", "--reindex", *base]) == 0
+    with Store.open(store) as reopened:
+        assert reopened.roots() == [str(extra), str(folder)]  # a re-index keeps them

@@ -237,7 +237,8 @@ def _store_root(args: argparse.Namespace) -> Path:
 
 def add_index(sub) -> None:
     p = sub.add_parser("index", help="add image files and folders to a local store; rerun: only what changed")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (walked recursively)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="image files or folders (walked recursively); none: rescan what the store was given")
     _add_store_option(p)
     p.add_argument("--model", default=None,
                    help="model name or checkpoint (default: the store's model; ViT-B/32 for a new store)")
@@ -260,9 +261,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODEL, load_model
     from .indexing import IndexOptions, index, reindex
 
-    if not args.paths and not args.reindex:
-        raise UsageError("nothing to index: give image files or folders (or --reindex)")
     root = _store_root(args)
+    if not args.paths and not args.reindex:
+        args.paths = _stored_roots(root)
+        print(f"rescanning the store's folders: {', '.join(args.paths)}", file=sys.stderr)
     model = args.model or _stored_model(root) or DEFAULT_MODEL
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
@@ -282,6 +284,18 @@ def cmd_index(args: argparse.Namespace) -> int:
         if summary.ann:
             print(summary.ann)
     return EXIT_OK
+
+
+def _stored_roots(root: Path) -> list[str]:
+    """What earlier `index` runs were given, for a bare `index` to rescan."""
+    from .store import CURRENT, Store
+    roots: list[str] = []
+    if (root / CURRENT).is_file():
+        with Store.open(root) as store:
+            roots = store.roots()
+    if not roots:
+        raise UsageError(f"nothing to index: give image files or folders ({root} has none to rescan)")
+    return roots
 
 
 def _stored_model(root: Path) -> Optional[str]:

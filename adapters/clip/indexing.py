@@ -181,6 +181,7 @@ def index(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str | o
             summary = IndexSummary(str(root), store.binding.name, scanned=len(files))
             _fail_problems(summary, problems)
             _update(store, embedder, files, scope, options, summary)
+            store.remember_roots([*scope.folders, *scope.files])
             _finish(store, options, summary)
             stopped = [p.name for p in root.glob(REINDEX_PREFIX + "*")]
             if stopped:
@@ -214,6 +215,7 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
                    else Store.create_data_dir(root, work, binding))
             with new:
                 new.check_model(binding)
+                new.remember_roots(old.roots())
                 attributes: dict[str, dict[str, Any]] = {}
                 stats: dict[str, FileStat] = {}
                 for record in old.iter_items():

@@ -132,6 +132,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+ROOTS_KEY = "roots"  # meta: JSON list of the paths `index` was given
 
 
 def _migrate(conn: sqlite3.Connection, where: Path) -> None:
@@ -849,6 +850,19 @@ class Store:
     def forget_search_index(self) -> None:
         """Drop the kept index: it was rebuilt or extended on disk."""
         self._search_index = None
+
+    # ---- the folders and files `index` was given ---------------------------------------------
+    def roots(self) -> list[str]:
+        """The absolute folders and files indexed into this store, so a bare `index` rescans them."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (ROOTS_KEY,)).fetchone()
+        return json.loads(row[0]) if row else []
+
+    def remember_roots(self, paths: Iterable[str]) -> None:
+        """Add `paths` (absolute) to `roots()`; a path under another root adds nothing."""
+        merged = sorted(set(self.roots()) | {os.path.abspath(p) for p in paths})
+        kept = [p for p in merged if not any(p != q and p.startswith(q.rstrip(os.sep) + os.sep) for q in merged)]
+        with _immediate(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (ROOTS_KEY, json.dumps(kept)))
 
 
 def _prefix_range(folder: str) -> tuple[str, str]:
