@@ -358,6 +358,22 @@ def test_wise_ft_fixed_alpha_is_the_midpoint(pairs, tmp_path):
 
 
 # ---- checkpoints, logs, resume ----------------------------------------------------------------
+def test_curve_legends_do_not_cover_the_plots():
+    from adapters.clip.reports import curves_figure
+    from adapters.clip.runs import EpochRecord
+
+    val = {"loss": 2.0, "t2i_r1": 0.5, "i2t_r1": 0.5, "t2i_r5": 0.9, "i2t_r5": 0.9, "mean_recall": 0.7}
+    history = [EpochRecord(epoch=e, step=e, val=val, train_loss=None if e == 0 else 2.0, improved=e == 3)
+               for e in range(6)]
+    fig = curves_figure(history)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not legend.overlaps(plot), ax.get_title()
+        assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)  # not cut off
+
+
 def test_run_leaves_checkpoints_metrics_curves_and_report(pairs, tmp_path):
     result = run(pairs, tmp_path, num_epochs=2, early_stop=False)
     # best/: the project's format, loadable by name, identical to what fit returned.

@@ -118,7 +118,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 # ---- embed -------------------------------------------------------------------------------
 def add_embed(sub) -> None:
-    p = sub.add_parser("embed", help="embed images and texts into OUT.npy + OUT.jsonl")
+    p = sub.add_parser("embed", help="embed images and texts into OUT.npy + OUT.jsonl",
+                       description="Row i of OUT.npy is line i of OUT.jsonl. An input that failed keeps its row, "
+                                   "filled with NaN; its line's 'error' says why (np.isnan(v).any(axis=1) "
+                                   "finds them).")
     p.add_argument("paths", nargs="*", help="image files or folders (walked recursively)")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--out", default="embeddings", help="output prefix (default: embeddings)")
@@ -157,7 +160,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     failed = [r for r in rows if r["error"]]
     for row in failed:
-        print(f"skipped {row['id']}: {row['error']}", file=sys.stderr)
+        print(f"skipped {row['id']}: {row['error']} (its row {row['index']} is NaN)", file=sys.stderr)
     summary = {"embedded": len(rows) - len(failed), "failed": len(failed), "dim": embedder.dim,
                "model": embedder.clip.name, "vectors": str(out.with_suffix(".npy")),
                "index": str(out.with_suffix(".jsonl"))}

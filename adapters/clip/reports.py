@@ -36,13 +36,25 @@ MAX_LISTED_PROBLEMS = 20
 # ---- curves --------------------------------------------------------------------------------
 def plot_curves(history: Sequence[EpochRecord], path: Path, monitor: str = "mean_recall") -> Path:
     """Loss (train and validation) and validation recall per epoch; the best epoch marked."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(history, monitor)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(history: Sequence[EpochRecord], monitor: str = "mean_recall"):
+    """The figure `plot_curves` saves. Legends sit below the plots: inside, they hid the lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r.epoch for r in history]
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110, layout="constrained")
     trained = [r for r in history if r.train_loss is not None]
     ax_loss.plot([r.epoch for r in trained], [r.train_loss for r in trained], "o-", label="train")
     ax_loss.plot(epochs, [r.val.get("loss", math.nan) for r in history], "s-", label="validation")
@@ -56,14 +68,9 @@ def plot_curves(history: Sequence[EpochRecord], path: Path, monitor: str = "mean
         if best:
             ax.axvline(best[-1], color="grey", linestyle=":", label=f"best ({monitor})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ---- the report ----------------------------------------------------------------------------
