@@ -118,6 +118,36 @@ def test_images_without_any_caption_are_reported(tmp_path):
         prepare_folder(tmp_path / "missing", val=0.2)
 
 
+def test_broken_images_are_reported_and_left_out(tmp_path):
+    root = make_folder(tmp_path / "f", {"cat": 4, "dog": 4})
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "cat" / "notes.jpg").write_text("this is text, not a photo")
+    whole = (root / "dog" / "img00.png").read_bytes()
+    (root / "dog" / "cut.png").write_bytes(whole[:len(whole) // 2])
+    result = prepare_folder(root, val=0.25)
+    reasons = {p.source: p.reason for p in result.problems}
+    assert set(reasons) == {"cat/empty.jpg", "cat/notes.jpg", "dog/cut.png"}
+    assert "empty" in reasons["cat/empty.jpg"] and "not an image" in reasons["cat/notes.jpg"]
+    assert "truncated" in reasons["dog/cut.png"]
+    assert len(result.pairs) == 8 and not {p.source for p in result.pairs} & set(reasons)
+
+
+def test_byte_identical_copies_stay_on_one_side_of_the_split(tmp_path):
+    root = make_folder(tmp_path / "f", {"cat": 6, "dog": 6})
+    for i in range(6):  # the same photos again, under other names and in the other class
+        (root / "dog" / f"copy{i}.png").write_bytes((root / "cat" / f"img{i:02d}.png").read_bytes())
+    for seed in range(8):
+        subsets = {p.source: p.subset for p in prepare_folder(root, val=0.3, seed=seed).pairs}
+        assert "validation" in subsets.values()
+        for i in range(6):
+            assert subsets[f"dog/copy{i}.png"] == subsets[f"cat/img{i:02d}.png"], (seed, i)
+    fixed = make_folder(tmp_path / "g", {"train/cat": 2, "validation/cat": 1})
+    (fixed / "validation" / "cat" / "leak.png").write_bytes((fixed / "train" / "cat" / "img00.png").read_bytes())
+    result = prepare_folder(fixed)
+    assert [(p.source, p.reason) for p in result.problems] == [
+        ("validation/cat/leak.png", "the same bytes as train/cat/img00.png, in another subset: left out")]
+
+
 def test_prepare_command_writes_a_manifest_that_loads(tmp_path, capsys):
     root = make_folder(tmp_path / "f", {"red": 5, "blue": 5})
     out = tmp_path / "out" / "manifest.jsonl"

@@ -9,12 +9,12 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .errors import DataError
-from .files import open_csv
+from .files import content_hash, open_csv
 from .image_files import walk_images
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, unreadable_images
 from .pairs import CaptionPair, DataProblem, PairSet
 from .splits import split_by_image
 
@@ -92,6 +92,8 @@ def prepare_folder(folder: str | Path, *, val: float = 0.2, seed: int = 0,
         raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     fixed = _fixed_subsets(root)
     result = PairSet([], [])
+    images = _readable(images, root, result.problems)
+    originals = same_bytes_as(images)  # a copy is split with its original: never one in each subset
     rels = [image.relative_to(root).as_posix() for image in images]
     csv_captions, unmatched = _match_csv_keys(csv_captions, rels)
     result.problems.extend(DataProblem(f"{Path(captions_csv).name}: {key}", reason) for key, reason in unmatched)
@@ -102,6 +104,11 @@ def prepare_folder(folder: str | Path, *, val: float = 0.2, seed: int = 0,
         subset = fixed.get(parts[0]) if parts and fixed else None
         if fixed and subset is None:
             result.problems.append(DataProblem(rel.as_posix(), "image outside the train/ and validation/ folders"))
+            continue
+        original = originals.get(image)
+        if fixed and original is not None and fixed.get(original.relative_to(root).parts[0]) != subset:
+            result.problems.append(DataProblem(rel.as_posix(), f"the same bytes as {original.relative_to(root)}, "
+                                               f"in another subset: left out"))
             continue
         class_parts = parts[1:] if subset else parts
         label = class_parts[-1] if class_parts else None
@@ -119,9 +126,43 @@ def prepare_folder(folder: str | Path, *, val: float = 0.2, seed: int = 0,
                                             label=label, metadata={"caption_source": caption_source},
                                             source=rel.as_posix()))
     if not fixed:
-        assignment = split_by_image(strata, val=val, seed=seed)
+        copies = {image.relative_to(root).as_posix(): original.relative_to(root).as_posix()
+                  for image, original in originals.items()}
+        assignment = _split_keeping_copies(strata, copies, val=val, seed=seed)
         result.pairs = [_with_subset(p, assignment[p.source]) for p in result.pairs]
     return result
+
+
+def _readable(images: list[Path], root: Path, problems: list) -> list[Path]:
+    """The images that decode; the others go to `problems` (training would skip them every epoch)."""
+    unreadable = unreadable_images(images)
+    for image in images:
+        if str(image) in unreadable:
+            problems.append(DataProblem(image.relative_to(root).as_posix(), unreadable[str(image)]))
+    return [image for image in images if str(image) not in unreadable]
+
+
+def same_bytes_as(paths: Sequence[Path]) -> dict[Path, Path]:
+    """{copy: original} for files whose bytes equal an earlier file's (only same-size files are hashed)."""
+    by_size: dict[int, list[Path]] = defaultdict(list)
+    for path in paths:
+        by_size[path.stat().st_size].append(path)
+    copies: dict[Path, Path] = {}
+    for group in (g for g in by_size.values() if len(g) > 1):
+        first: dict[str, Path] = {}
+        for path in group:
+            original = first.setdefault(content_hash(path), path)
+            if original != path:
+                copies[path] = original
+    return copies
+
+
+def _split_keeping_copies(strata: dict[str, str], copies: dict[str, str], *, val: float, seed: int) -> dict[str, str]:
+    """`split_by_image` over the originals; each copy (of a captioned original) goes where its original went."""
+    kept = {copy: original for copy, original in copies.items() if copy in strata and original in strata}
+    assignment = split_by_image({rel: s for rel, s in strata.items() if rel not in kept}, val=val, seed=seed)
+    assignment.update({copy: assignment[original] for copy, original in kept.items()})
+    return assignment
 
 
 def _with_subset(pair: CaptionPair, subset: str) -> CaptionPair:

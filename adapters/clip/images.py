@@ -20,7 +20,8 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -69,6 +70,25 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         except PermissionError:
             raise InputError(f"permission denied: {path}") from None
     raise InputError(f"unsupported image source type {type(source).__name__}")
+
+
+CHECK_DRAFT_SIZE = 64  # JPEGs are checked at reduced scale: every byte still read, far less decoded
+
+
+def unreadable_images(paths: Sequence[str | os.PathLike], *, workers: int = 4) -> dict[str, str]:
+    """{path: reason} for the files that do not decode: empty, not an image, truncated, corrupt.
+
+    Decoding is the only check that catches a truncated file; threads overlap it (PIL releases the GIL).
+    """
+    def problem(path: str | os.PathLike) -> Optional[str]:
+        try:
+            load_image(path, draft_size=CHECK_DRAFT_SIZE)
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return {str(p): reason for p, reason in zip(paths, pool.map(problem, paths)) if reason}
 
 
 def _decode(stream: Any, max_pixels: int, draft_size: int | None) -> Image.Image:

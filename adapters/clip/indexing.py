@@ -9,7 +9,6 @@ builds a whole new data folder for another model beside the live one and swaps i
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -23,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 
 from .progress import progress_bar
 from .errors import InputError
-from .files import write_text_atomic
+from .files import content_hash, write_text_atomic
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .photos import photo_metadata
-from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, HASH_BLOCK, REINDEX_PREFIX, FileStat, ItemRecord,
+from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, REINDEX_PREFIX, FileStat, ItemRecord,
                     ModelBinding, Store, Transaction, writer_lock)
 
 if TYPE_CHECKING:
@@ -105,12 +104,8 @@ def _stat(path: str, problems: list[tuple[str, str]]) -> Optional[FileStat]:
 
 
 def file_hash(path: str) -> str:
-    """blake2b-128 of the content: equal bytes, equal vector."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    """The content's hash: equal bytes, equal vector."""
+    return content_hash(path)
 
 
 # --------------------------------------------------------------------------------------

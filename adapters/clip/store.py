@@ -78,7 +78,6 @@ COMPACT_DEAD_FRACTION = 0.25
 COMPACT_MIN_DEAD = 1024
 # Rows read or written per chunk when streaming the whole matrix (bounded memory at any size).
 CHUNK_ROWS = 16384
-HASH_BLOCK = 1 << 20
 
 # fdatasync is missing on macOS, pwrite on Windows: same durability through the portable calls.
 _datasync = getattr(os, "fdatasync", os.fsync)
