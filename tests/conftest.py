@@ -61,6 +61,18 @@ def fake_dataloop_server():
     server.stop()
 
 
+def _fresh_platform(server):
+    from fake_dataloop import connect_dtlpy
+
+    state = server.reset()
+    connect_dtlpy(server.url)
+    return state
+
+
+def _assert_all_implemented(state) -> None:
+    assert not state.unimplemented, f"dtlpy called endpoints the fake platform lacks: {state.unimplemented}"
+
+
 @pytest.fixture
 def platform(fake_dataloop_server, monkeypatch, tmp_path):
     """An empty fake platform with dtlpy logged in to it. Yields its state (seed it, then assert on it).
@@ -68,11 +80,15 @@ def platform(fake_dataloop_server, monkeypatch, tmp_path):
     The test fails if dtlpy called an endpoint the fake does not implement. The working directory is
     the test's tmp folder: dtlpy's train_model writes to the relative path 'tmp/<model id>'.
     """
-    from fake_dataloop import connect_dtlpy
-
-    state = fake_dataloop_server.reset()
-    connect_dtlpy(fake_dataloop_server.url)
+    state = _fresh_platform(fake_dataloop_server)
     monkeypatch.chdir(tmp_path)
     yield state
-    assert not state.unimplemented, f"dtlpy called endpoints the fake platform lacks: {state.unimplemented}"
+    _assert_all_implemented(state)
 
+
+@pytest.fixture(scope="module")
+def module_platform(fake_dataloop_server):
+    """`platform` for a module's shared fixtures (one adapter loaded for every test of the module)."""
+    state = _fresh_platform(fake_dataloop_server)
+    yield state
+    _assert_all_implemented(state)

@@ -1,7 +1,9 @@
-"""Real dtlpy entities built offline, for tests. Only the Dataloop server is faked, here:
+"""Real dtlpy entities for tests. Only the Dataloop server is faked, at the network:
 
-- `offline_model`: a real dl.Model from JSON whose `update()` (a server call) is replaced.
-- `file_item`: a real dl.Item whose binary lives at a file:// URL, so `item.download()` really runs.
+- `platform_model`: a model created on the fake platform (tests/fake_dataloop) and fetched with
+  `dl.models.get`; its `update()`, metrics and artifacts go over HTTP to the fake.
+- `file_item`: a real dl.Item whose binary lives at a file:// URL, so `item.download()` really runs
+  without any server.
 """
 from __future__ import annotations
 
@@ -12,16 +14,22 @@ from typing import Optional
 
 import dtlpy as dl
 
+from fake_dataloop import PlatformState
 
-def offline_model(configuration: dict, labels: Optional[list[str]] = None, input_type: str = "image",
-                  output_type: str = "embedding") -> dl.Model:
-    model = dl.Model.from_json(
-        _json={"id": "model-1", "name": "clip-test", "projectId": "project-1", "configuration": configuration,
-               "inputType": input_type, "outputType": output_type, "labels": labels or [],
-               "metadata": {"system": {"subsets": {}}}},
-        client_api=dl.client_api, project=None, package=dl.Package())
-    model.update = lambda *args, **kwargs: model  # the server call; everything else is real
-    return model
+
+def platform_model(platform: PlatformState, configuration: dict, labels: Optional[list[str]] = None,
+                   input_type: str = "image", output_type: str = "embedding", **fields) -> dl.Model:
+    """A model on `platform` (in its first project, made if there is none), as dtlpy fetches it.
+
+    Its name is unique in the session: load_from_model downloads into $DATALOOP_PATH/models/<name>,
+    which outlives a test (and the adapter would load whatever an earlier model left there).
+    `fields` go to `PlatformState.add_model` (dataset_id, subsets, service_ids, ...).
+    """
+    project = next(iter(platform.projects.values()), None) or platform.add_project()
+    name = fields.pop("name", f"clip-test-{platform.new_id()[-8:]}")
+    record = platform.add_model(project["id"], name, configuration, labels=labels, input_type=input_type,
+                                output_type=output_type, **fields)
+    return dl.models.get(model_id=record["id"])
 
 
 def file_item(item_id: str, path: Path, mimetype: str, *, prompt: bool = False,
@@ -42,7 +50,3 @@ def prompt_json(text: str, image_url: Optional[str] = None) -> str:
         parts.insert(0, {"mimetype": "image/*", "value": image_url})
     parts.append({"mimetype": "metadata", "value": {"role": "user"}})
     return json.dumps({"shebang": "dataloop", "metadata": {"dltype": "prompt"}, "prompts": {"1": parts}})
-
-
-def offline_feature_set(size: int) -> dl.FeatureSet:
-    return dl.FeatureSet.from_json({"id": "fs", "name": "clip", "size": size}, client_api=dl.client_api)

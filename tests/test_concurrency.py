@@ -4,21 +4,20 @@ and clip-dataset with concurrency > 1). Concurrent calls must give the vectors a
 predictions that sequential ones give.
 
 Real ClipAdapter with the `tiny` model, real dtlpy `embed_items`, items that really download from
-file:// URLs; only the model's server update is faked (dataloop_fakes.offline_model), and
-`upload_features=False` keeps the feature set offline.
+file:// URLs; the model is on the fake platform (tests/fake_dataloop), and `upload_features=False`
+keeps the vectors off it.
 """
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dtlpy as dl
 import numpy as np
 import pytest
 
 from adapters.clip_adapter import ClipAdapter
 from conftest import pattern_image
-from dataloop_fakes import file_item, offline_model
+from dataloop_fakes import file_item, platform_model
 
 MANIFEST = json.loads((Path(__file__).parents[1] / "dataloop.json").read_text())
 THREADS = max(config["runtime"]["concurrency"] for config in MANIFEST["components"]["computeConfigs"])
@@ -26,13 +25,9 @@ DIM = 64  # tiny's embedding size
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    adapter = ClipAdapter()
-    adapter.model_entity = offline_model({"model_name": "tiny", "batch_size": 3, "embeddings_size": DIM})
-    adapter.load(str(tmp_path_factory.mktemp("artifacts")))
-    adapter._feature_set = dl.FeatureSet.from_json({"id": "fs", "name": "clip", "size": DIM},
-                                                   client_api=dl.client_api)
-    return adapter
+def adapter(module_platform):
+    return ClipAdapter(model_entity=platform_model(module_platform, {"model_name": "tiny", "batch_size": 3,
+                                                                     "embeddings_size": DIM}))
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +81,10 @@ def test_concurrent_embed_of_texts_and_images_gives_the_sequential_vectors(adapt
         np.testing.assert_allclose(np.array(vectors), np.array(expected[offset:] + expected[:offset]), atol=1e-5)
 
 
-def test_concurrent_zero_shot_predictions_equal_the_sequential_ones(items, tmp_path):
+def test_concurrent_zero_shot_predictions_equal_the_sequential_ones(items, module_platform):
     """clip-cpu also runs predict_items 10 at a time; the class vectors are built once and shared."""
-    adapter = ClipAdapter()
-    adapter.model_entity = offline_model({"model_name": "tiny", "embeddings_size": DIM},
-                                         labels=["red square", "green circle", "blue sky"])
-    adapter.load(str(tmp_path))
+    adapter = ClipAdapter(model_entity=platform_model(module_platform, {"model_name": "tiny", "embeddings_size": DIM},
+                                                      labels=["red square", "green circle", "blue sky"]))
     prepared = [adapter.prepare_item_func(it) for it in items]
 
     def scores(collections):

@@ -18,6 +18,7 @@ from adapters.clip.embed import Embedder
 from adapters.clip.models import load_model
 from adapters.clip_adapter import ClipAdapter
 from conftest import pattern_image
+from dataloop_fakes import platform_model
 
 CONFIG = {"model_name": "tiny", "device": "cpu", "batch_size": 4, "num_workers": 0}
 
@@ -43,14 +44,9 @@ def images(platform, project):
     return dataset, items
 
 
-def make_model(platform, project, dataset=None, **kwargs) -> dl.Model:
-    """A model on the platform, as dtlpy gets it. Its name is unique in the session: load_from_model
-    downloads into $DATALOOP_PATH/models/<name>, which outlives a test (and the adapter would load
-    whatever an earlier model left there)."""
-    name = kwargs.pop("name", f"clip-tiny-{platform.new_id()[-8:]}")
-    record = platform.add_model(project["id"], name, {**CONFIG, **kwargs.pop("configuration", {})},
-                                dataset_id=dataset["id"] if dataset else None, **kwargs)
-    return dl.models.get(model_id=record["id"])
+def make_model(platform, dataset=None, configuration=None, **fields) -> dl.Model:
+    return platform_model(platform, {**CONFIG, **(configuration or {})},
+                          dataset_id=dataset["id"] if dataset else None, **fields)
 
 
 # dtlpy splits a dataset into executions from 1.115 (`_execute_dataset_operation`); before, the
@@ -100,8 +96,8 @@ def reference_vectors(items, state, folder) -> dict[str, np.ndarray]:
 
 
 # ---- load_from_model / save_to_model ---------------------------------------------------------------
-def test_save_to_model_uploads_artifacts_that_load_back_into_a_new_adapter(platform, project, images):
-    model = make_model(platform, project)
+def test_save_to_model_uploads_artifacts_that_load_back_into_a_new_adapter(platform, images):
+    model = make_model(platform)
     adapter = ClipAdapter(model_entity=model)  # load_from_model: no artifacts yet, the named architecture
     with torch.no_grad():
         for parameter in adapter.clip.model.parameters():
@@ -130,9 +126,9 @@ def assert_vectors_match_reference(platform, feature_set_id, items, expected_ids
         np.testing.assert_allclose(vector, reference[item_id], atol=1e-5)
 
 
-def test_embed_items_puts_vectors_of_the_models_size_on_the_right_items(platform, project, images, tmp_path):
+def test_embed_items_puts_vectors_of_the_models_size_on_the_right_items(platform, images, tmp_path):
     dataset, items = images
-    model = make_model(platform, project, dataset)
+    model = make_model(platform, dataset)
     adapter = ClipAdapter(model_entity=model)
     adapter.embed_items([dl.items.get(item_id=i["id"]) for i in items])
 
@@ -142,11 +138,11 @@ def test_embed_items_puts_vectors_of_the_models_size_on_the_right_items(platform
     assert_vectors_match_reference(platform, feature_set["id"], items, embeddable, tmp_path)
 
 
-def test_embed_dataset_fans_out_into_executions_that_cover_every_item_once(platform, project, images, tmp_path):
+def test_embed_dataset_fans_out_into_executions_that_cover_every_item_once(platform, images, tmp_path):
     """dtlpy splits the dataset into id ranges of at most `predict_embed_subset_limit` items, one
     execution each (models.embed), and waits for them; the fake runs each on a fresh replica."""
     dataset, items = images
-    model = make_model(platform, project, dataset, configuration={"predict_embed_subset_limit": 2},
+    model = make_model(platform, dataset, configuration={"predict_embed_subset_limit": 2},
                        service_ids=("service-1",))
     platform.execution_runner = replica_runner(platform)
     adapter = ClipAdapter(model_entity=model)
@@ -159,9 +155,9 @@ def test_embed_dataset_fans_out_into_executions_that_cover_every_item_once(platf
     assert_vectors_match_reference(platform, feature_set["id"], items, embeddable, tmp_path)
 
 
-def test_embed_dataset_small_enough_runs_in_place(platform, project, images):
+def test_embed_dataset_small_enough_runs_in_place(platform, images):
     dataset, items = images
-    model = make_model(platform, project, dataset)
+    model = make_model(platform, dataset)
     ClipAdapter(model_entity=model).embed_dataset(dl.datasets.get(dataset_id=dataset["id"]),
                                                   filters={"filter": {"dir": "/photos"}})
     assert platform.executions == {}
@@ -184,9 +180,9 @@ def assert_model_predictions(platform, model, item_ids, others):
         assert platform.item_annotations(item_id) == []
 
 
-def test_predict_items_puts_model_annotations_on_each_image(platform, project, images):
+def test_predict_items_puts_model_annotations_on_each_image(platform, images):
     dataset, items = images
-    model = make_model(platform, project, dataset, labels=LABELS, output_type="class")
+    model = make_model(platform, dataset, labels=LABELS, output_type="class")
     adapter = ClipAdapter(model_entity=model)
     adapter.predict_items([dl.items.get(item_id=i["id"]) for i in items])
     assert_model_predictions(platform, model, [i["id"] for i in items[:4]], [i["id"] for i in items[4:]])
@@ -195,9 +191,9 @@ def test_predict_items_puts_model_annotations_on_each_image(platform, project, i
     assert_model_predictions(platform, model, [i["id"] for i in items[:4]], [i["id"] for i in items[4:]])
 
 
-def test_predict_dataset_fans_out_and_labels_every_image(platform, project, images):
+def test_predict_dataset_fans_out_and_labels_every_image(platform, images):
     dataset, items = images
-    model = make_model(platform, project, dataset, labels=LABELS, output_type="class",
+    model = make_model(platform, dataset, labels=LABELS, output_type="class",
                        configuration={"predict_embed_subset_limit": 2}, service_ids=("service-1",))
     platform.execution_runner = replica_runner(platform)
     ClipAdapter(model_entity=model).predict_dataset(dl.datasets.get(dataset_id=dataset["id"]))
@@ -225,21 +221,35 @@ def test_train_model_prepares_trains_uploads_and_reports(platform, project):
     """dtlpy's train_model: status -> load_from_model -> prepare_data (export download) ->
     convert_from_dtlpy (prompt images) -> train -> save_to_model -> status 'trained'."""
     dataset = caption_dataset(platform, project)
-    model = make_model(platform, project, dataset, configuration={
+    model = make_model(platform, dataset, configuration={
         "batch_size": 8, "num_epochs": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0},
         subsets={"train": platform.subset_filter("train"), "validation": platform.subset_filter("validation")})
+    progress = []
+
+    class Progress:  # what the agent passes train_model
+        def update(self, **kwargs):
+            progress.append(kwargs)
+
     adapter = ClipAdapter()
-    adapter.train_model(model)
+    adapter.train_model(model, progress=Progress())
 
     stored = platform.models[model.id]
     assert stored["status"] == "trained"
     assert [log["status"] for log in stored["statusLogs"]] == ["training", "trained"]
+    assert [p["progress"] for p in progress if "progress" in p][:2] == [50, 100]  # per epoch, from our callback
     files = platform.artifact_files(model.id)
-    assert {"model.safetensors", "clip_config.json", "training/report.json"} <= set(files)
+    assert {"model.safetensors", "clip_config.json", "training/report.json", "training/curves.png"} <= set(files)
+    assert not [f for f in files if f.startswith(("training/last/", "training/best/"))]  # no duplicate weights
     report = json.loads(files["training/report.json"])
     assert report["data"]["train_pairs"] == 16 and report["data"]["validation_pairs"] == 6
+    assert report["training"]["best_epoch"] >= 1
+    assert sorted({(m["figure"], m["legend"]) for m in platform.metrics if m["modelId"] == model.id}) == [
+        ("loss", "train"), ("loss", "validation"), ("mean recall", "validation"),
+        ("recall@1", "image->text"), ("recall@1", "text->image")]
     assert [x for x, _ in platform.metric_points(model.id, "loss", "train")] == [1, 2]  # one point per epoch
     assert [x for x, _ in platform.metric_points(model.id, "mean recall", "validation")] == [1, 2]
 
     trained = ClipAdapter(model_entity=dl.models.get(model_id=model.id))
     assert trained.clip.fingerprint == adapter.clip.fingerprint != load_model("tiny", device="cpu").fingerprint
+    probe = [dl.items.get(item_id=i["id"]) for i in platform.items.values() if i["filename"] == "/img/000.png"]
+    np.testing.assert_allclose(trained.embed(probe), adapter.embed(probe), atol=1e-6)

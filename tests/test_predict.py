@@ -1,10 +1,7 @@
 """Zero-shot predict: the library's classifier against the model's own forward pass, and
-ClipAdapter.predict through dtlpy's real `predict_items`, offline.
-
-Faked, and only these: the Dataloop server calls — `model.update` (see dataloop_fakes) and the
-annotation upload/delete that `predict_items` makes per item (`Annotations.upload`/`.delete`,
-replaced below by a recorder). Items download for real from file:// URLs; the prediction
-metadata is filled in by dtlpy's own `_update_predictions_metadata`.
+ClipAdapter.predict through dtlpy's real `predict_items` against the fake platform
+(tests/fake_dataloop): items download from it, the annotations (with the prediction metadata
+dtlpy's own `_update_predictions_metadata` fills in) land on it and are read back from it.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from adapters.clip.embed import Embedder
 from adapters.clip.errors import InputError
 from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
 from conftest import pattern_image
-from dataloop_fakes import file_item, offline_model
+from dataloop_fakes import platform_model
 
 LABELS = ["red square", "green circle", "blue sky", "a dog"]
 
@@ -68,71 +65,61 @@ def test_bad_labels_are_clear_errors(labels, message):
 
 
 # ---- the adapter through dtlpy --------------------------------------------------------------------
-@pytest.fixture
-def uploads(monkeypatch):
-    """Replace the two server calls predict_items makes per item; record what would be uploaded."""
-    sent: dict[str, list] = {}
-
-    def upload(self, annotations, merge=False):
-        sent[self.item.id] = list(annotations)
-        return annotations
-
-    monkeypatch.setattr(dl.repositories.Annotations, "upload", upload)
-    monkeypatch.setattr(dl.repositories.Annotations, "delete", lambda self, *a, **k: True)
-    return sent
-
-
-def make_adapter(tmp_path, configuration: dict, labels=None) -> ClipAdapter:
-    adapter = ClipAdapter()
-    adapter.model_entity = offline_model({"model_name": "tiny", "device": "cpu", "batch_size": 3, **configuration},
-                                         labels=labels, output_type="class")
-    adapter.load(str(tmp_path / "artifacts"))
-    return adapter
+def make_adapter(platform, configuration: dict, labels=None) -> ClipAdapter:
+    """An adapter as a deployed service builds it: from a model on the platform (load_from_model)."""
+    model = platform_model(platform, {"model_name": "tiny", "device": "cpu", "batch_size": 3, **configuration},
+                           labels=labels, output_type="class")
+    return ClipAdapter(model_entity=model)
 
 
 @pytest.fixture
-def items(tmp_path):
+def items(platform, tmp_path):
+    """Three images, a text and a broken JPEG on the platform (the images also in tmp_path)."""
     for i in range(3):
         pattern_image(i).save(tmp_path / f"photo {i}.png")
+    files = [(tmp_path / "photo 0.png", "image/png"), (tmp_path / "note.txt", "text/plain"),
+             (tmp_path / "photo 1.png", "image/png"), (tmp_path / "broken.jpg", "image/jpeg"),
+             (tmp_path / "photo 2.png", "image/png")]
     (tmp_path / "note.txt").write_text("a caption, not an image")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    return [file_item("img0", tmp_path / "photo 0.png", "image/png"),
-            file_item("txt", tmp_path / "note.txt", "text/plain"),
-            file_item("img1", tmp_path / "photo 1.png", "image/png"),
-            file_item("bad", tmp_path / "broken.jpg", "image/jpeg"),
-            file_item("img2", tmp_path / "photo 2.png", "image/png")]
+    dataset = platform.add_dataset(platform.add_project()["id"], "predict")
+    return [dl.items.get(item_id=platform.add_item(dataset["id"], "/" + path.name, path.read_bytes(), mimetype)["id"])
+            for path, mimetype in files]
 
 
-def test_predict_items_labels_each_image_from_the_model_labels(tmp_path, items, uploads):
-    adapter = make_adapter(tmp_path, {}, labels=LABELS)
+IMAGES = (0, 2, 4)  # the positions of the three images in `items`
+
+
+def test_predict_items_labels_each_image_from_the_model_labels(platform, tmp_path, items):
+    adapter = make_adapter(platform, {}, labels=LABELS)
     returned, annotations = adapter.predict_items(items)
     assert [it.id for it in returned] == [it.id for it in items]
-    assert set(uploads) == {it.id for it in items}
-    assert [len(uploads[i]) for i in ("img0", "txt", "img1", "bad", "img2")] == [1, 0, 1, 0, 1]
+    assert [len(platform.item_annotations(it.id)) for it in items] == [1, 0, 1, 0, 1]
     assert len(annotations) == 3
     expected = ZeroShotClassifier(adapter.embedder, LABELS).classify(
         [tmp_path / f"photo {i}.png" for i in range(3)])
-    for i, reference in enumerate(expected):
-        annotation = uploads[f"img{i}"][0]
-        assert annotation.type == "class" and annotation.label == reference.labels[0].label
-        model = annotation.metadata["system"]["model"]  # filled in by dtlpy's own code
-        assert model["name"] == "clip-test" and model["confidence"] == pytest.approx(reference.labels[0].score)
-        assert annotation.metadata["user"]["model"]["confidence"] == pytest.approx(reference.labels[0].score)
+    for position, reference in zip(IMAGES, expected):
+        (annotation,) = platform.item_annotations(items[position].id)
+        assert annotation["type"] == "class" and annotation["label"] == reference.labels[0].label
+        model = annotation["metadata"]["system"]["model"]  # filled in by dtlpy's own code
+        assert model["name"] == adapter.model_entity.name
+        assert model["confidence"] == pytest.approx(reference.labels[0].score)
+        assert annotation["metadata"]["user"]["model"]["confidence"] == pytest.approx(reference.labels[0].score)
 
 
-def test_configuration_labels_and_top_k_when_the_entity_has_none(tmp_path, items, uploads):
-    adapter = make_adapter(tmp_path, {"labels": ["cat", "dog", "car"], "top_k": 2,
+def test_configuration_labels_and_top_k_when_the_entity_has_none(platform, items):
+    adapter = make_adapter(platform, {"labels": ["cat", "dog", "car"], "top_k": 2,
                                       "prompt_templates": ["a photo of a {}.", "a picture of a {}."]})
     adapter.predict_items(items)
-    for item_id in ("img0", "img1", "img2"):
-        labels = uploads[item_id]
-        assert len(labels) == 2 and {a.label for a in labels} <= {"cat", "dog", "car"}
-        confidences = [a.metadata["system"]["model"]["confidence"] for a in labels]
+    for position in IMAGES:
+        labels = platform.item_annotations(items[position].id)
+        assert len(labels) == 2 and {a["label"] for a in labels} <= {"cat", "dog", "car"}
+        confidences = [a["metadata"]["system"]["model"]["confidence"] for a in labels]  # in upload order
         assert confidences == sorted(confidences, reverse=True) and sum(confidences) <= 1.0 + 1e-6
 
 
-def test_predict_without_any_labels_says_where_to_put_them(tmp_path, items):
-    adapter = make_adapter(tmp_path, {})
+def test_predict_without_any_labels_says_where_to_put_them(platform, items):
+    adapter = make_adapter(platform, {})
     with pytest.raises(ClipAdapterFailure, match="'labels' configuration key"):
         adapter.predict(items[:1])
 

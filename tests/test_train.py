@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -536,84 +535,19 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def test_adapter_train_runs_inside_dtlpy_train_model_and_loads_back(tmp_path, monkeypatch):
-    """dtlpy's real train_model: load_from_model -> prepare_data -> train -> save_to_model.
-
-    Faked, because they are Dataloop server calls: model.update / wait_for_model_ready (status),
-    artifacts download (nothing to download) and upload (recorded), metrics.create (recorded), the
-    dataset lookup, and prepare_data's download (it copies an export written here instead).
-    """
-    import dtlpy as dl
-
-    from adapters.clip_adapter import ClipAdapter
-    from dataloop_fakes import offline_model
-
-    monkeypatch.chdir(tmp_path)  # train_model passes a relative root path ('tmp/<model id>')
-    export = tmp_path / "export"
-    write_default_layout_export(export)
-    model = offline_model({"model_name": "tiny", "device": "cpu", "batch_size": 8, "num_epochs": 2,
-                           "learning_rate": 1e-3, "warmup_ratio": 0.0})
-    model.wait_for_model_ready = lambda: model
-    model._dataset = dl.Dataset.from_json(project=None, _json={"id": "dataset-1", "name": "captions"},
-                                          client_api=dl.client_api)
-    uploads, plots, progress = [], [], []
-    model.artifacts.download = lambda local_path, overwrite=True, **kw: None
-    model.artifacts.upload = lambda filepath, overwrite=True, **kw: uploads.append(filepath)
-    model.metrics.create = lambda samples, dataset_id=None: plots.extend(samples) or True
-
-    adapter = ClipAdapter()
-    root = tmp_path / "root"
-
-    def prepare_data(dataset, root_path=None, **kwargs):
-        data_path = root / "datasets" / dataset.id
-        shutil.copytree(export, data_path)
-        (root / "output").mkdir()
-        return str(root), str(data_path), str(root / "output")
-
-    monkeypatch.setattr(adapter, "prepare_data", prepare_data)
-
-    class Progress:
-        def update(self, **kwargs):
-            progress.append(kwargs)
-
-    returned = adapter.train_model(model, progress=Progress())
-    assert returned is model and model.status == "trained"
-
-    output = root / "output"
-    assert uploads == [str(output / "*")]
-    assert [p["progress"] for p in progress if "progress" in p][:2] == [50, 100]
-    assert sorted({(s.figure, s.legend) for s in plots}) == [
-        ("loss", "train"), ("loss", "validation"), ("mean recall", "validation"),
-        ("recall@1", "image->text"), ("recall@1", "text->image")]
-    assert sorted({s.x for s in plots}) == [1, 2]
-    # What was uploaded: the weights, the report, the curves; not the resumable state.
-    report = json.loads((output / "training" / "report.json").read_text())
-    assert report["data"]["train_pairs"] == 16 and report["data"]["validation_pairs"] == 6
-    assert report["training"]["best_epoch"] >= 1
-    assert (output / "training" / "curves.png").is_file() and not (output / "training" / "last").exists()
-    assert adapter.clip.fingerprint != load_model("tiny", device="cpu").fingerprint
-    # ...and it loads back through ClipAdapter.load as the same model.
-    reloaded = ClipAdapter()
-    reloaded.load(str(output))
-    assert reloaded.clip.fingerprint == adapter.clip.fingerprint
-    probe = load_pairs(root / "datasets" / "dataset-1").subset("validation")[0].image
-    np.testing.assert_allclose(reloaded.embedder.embed_images([probe]).vectors,
-                               adapter.embedder.embed_images([probe]).vectors, atol=1e-6)
-
-
-def test_adapter_train_failure_leaves_the_best_weights_for_dtlpys_save_on_failure(pairs, tmp_path):
+def test_adapter_train_failure_leaves_the_best_weights_for_dtlpys_save_on_failure(pairs, tmp_path, platform):
     """dtlpy's train_model saves and uploads the model even when train raises; that must be the
     best epoch so far. min_delta=1.0: no epoch beats the start, so the best is the starting model.
-    Faked: model.update (a server call), in offline_model."""
+    (dtlpy's train_model itself, on the fake platform: tests/test_platform_contract.py.)"""
     from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
-    from dataloop_fakes import offline_model
+    from dataloop_fakes import platform_model
 
     manifest = tmp_path / "pairs.jsonl"
     write_manifest(pairs, manifest)
     adapter = ClipAdapter()
-    adapter.model_entity = offline_model({"model_name": "tiny", "device": "cpu", "batch_size": 8, "num_epochs": 3,
-                                          "learning_rate": 1e-3, "min_delta": 1.0, "early_stop": False})
-    adapter.model_entity.metrics.create = lambda samples, dataset_id=None: True
+    adapter.model_entity = platform_model(platform, {"model_name": "tiny", "device": "cpu", "batch_size": 8,
+                                                     "num_epochs": 3, "learning_rate": 1e-3, "min_delta": 1.0,
+                                                     "early_stop": False})
     adapter.load(str(tmp_path / "artifacts"))
     start = adapter.clip.fingerprint
 
