@@ -1,7 +1,8 @@
-"""ClipAdapter through dtlpy's real BaseModelAdapter methods, offline.
+"""ClipAdapter through dtlpy's real BaseModelAdapter methods.
 
-Faked: only the Dataloop server (model.update, see dataloop_fakes). Items download for real
-from file:// URLs; embed_items is dtlpy's own code calling our prepare_item_func and embed.
+Faked: only the Dataloop server, by the fake platform (tests/fake_dataloop) the models live on.
+Items download for real, from file:// URLs or from the fake; embed_items is dtlpy's own code
+calling our prepare_item_func and embed.
 """
 import json
 import os
@@ -13,17 +14,15 @@ import torch
 from adapters.clip.embed import Embedder
 from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
 from conftest import pattern_image
-from dataloop_fakes import file_item, offline_feature_set, offline_model, prompt_json
+from dataloop_fakes import file_item, platform_model, prompt_json
 
 
 @pytest.fixture
-def adapter(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the earlier adapter read a warm-up image relative to the CWD
-    model = offline_model({"model_name": "tiny", "batch_size": 3, "embeddings_size": 256})
+def adapter(platform, tmp_path):  # (the CWD is tmp_path: the earlier adapter read a warm-up image there)
+    model = platform_model(platform, {"model_name": "tiny", "batch_size": 3, "embeddings_size": 256})
     adapter = ClipAdapter()
     adapter.model_entity = model
     adapter.load(str(tmp_path / "artifacts"))
-    adapter._feature_set = offline_feature_set(64)
     return adapter
 
 
@@ -75,7 +74,7 @@ def test_load_writes_the_real_embeddings_size(adapter):
     assert adapter.configuration["embeddings_size"] == 64
 
 
-def test_save_then_load_gives_identical_embeddings(adapter, items, tmp_path):
+def test_save_then_load_gives_identical_embeddings(adapter, items, tmp_path, platform):
     with torch.no_grad():
         for p in adapter.clip.model.parameters():
             p.mul_(1.01)  # stands in for fine-tuning
@@ -86,27 +85,27 @@ def test_save_then_load_gives_identical_embeddings(adapter, items, tmp_path):
     saved = json.loads((tmp_path / "out" / "clip_config.json").read_text())
     assert saved["config"]["model_name"] == "tiny"
     fresh = ClipAdapter()
-    fresh.model_entity = offline_model({"model_name": "tiny"})
+    fresh.model_entity = platform_model(platform, {"model_name": "tiny"})
     fresh.load(str(tmp_path / "out"))
     assert fresh.clip.fingerprint == adapter.clip.fingerprint
     after = fresh.embed([fresh.prepare_item_func(it) for it in items[:3]])
     np.testing.assert_allclose(np.array(after), np.array(before), atol=1e-6)
 
 
-def test_load_reads_the_earlier_adapters_best_pt(adapter, tmp_path):
+def test_load_reads_the_earlier_adapters_best_pt(adapter, tmp_path, platform):
     artifacts = tmp_path / "legacy"
     artifacts.mkdir()
     torch.save({"model_state_dict": adapter.clip.model.state_dict(), "epoch": 3}, artifacts / "best.pt")
     legacy = ClipAdapter()
-    legacy.model_entity = offline_model({"model_name": "tiny", "early_stopping": True, "episilon": 1e-6})
+    legacy.model_entity = platform_model(platform, {"model_name": "tiny", "early_stopping": True, "episilon": 1e-6})
     legacy.load(str(artifacts))
     assert legacy.clip.fingerprint == adapter.clip.fingerprint
     assert legacy.settings.early_stop is True
 
 
-def test_bad_configuration_is_one_clear_message(tmp_path):
+def test_bad_configuration_is_one_clear_message(tmp_path, platform):
     bad = ClipAdapter()
-    bad.model_entity = offline_model({"model_name": "tiny", "learning_rat": 1e-5})
+    bad.model_entity = platform_model(platform, {"model_name": "tiny", "learning_rat": 1e-5})
     with pytest.raises(ClipAdapterFailure, match="did you mean 'learning_rate'"):
         bad.load(str(tmp_path))
 
@@ -123,90 +122,66 @@ def test_adapter_without_model_entity_uses_defaults_and_given_name(tmp_path):
     assert adapter.settings.model_name == "tiny"
 
 
-def test_convert_from_dtlpy_downloads_the_images_prompt_items_point_to(tmp_path, monkeypatch):
-    """dtlpy's prepare_data ends with convert_from_dtlpy; prompt images live in other items.
-
-    Faked: `dl.items.get` (a server call) returns a real dl.Item whose binary is a local file."""
-    import dtlpy as dl
-
+def test_convert_from_dtlpy_downloads_the_images_prompt_items_point_to(tmp_path, platform):
+    """dtlpy's prepare_data ends with convert_from_dtlpy; prompt images live in other items, here
+    on the fake platform."""
     from adapters.clip.exports import prompt_images_to_download
     from adapters.clip.manifests import load_pairs
     from test_data import export_with_bad_records
+    from test_platform_contract import png_bytes
 
-    export_with_bad_records(tmp_path)
-    missing = prompt_images_to_download(tmp_path)
+    export = tmp_path / "export"
+    export_with_bad_records(export)
+    missing = prompt_images_to_download(export)
     assert list(missing) == ["65f1c0a9e1b2c3d4e5f6bb99"]
-    source = tmp_path / "elsewhere" / "the-image.png"
-    source.parent.mkdir()
-    pattern_image(5).save(source)
-    fetched = []
-
-    def get(item_id=None, **kwargs):
-        fetched.append(item_id)
-        return file_item(item_id, source, "image/png")
-
-    monkeypatch.setattr(dl.items, "get", get)
-    before = {p.caption for p in load_pairs(tmp_path).pairs}
-    ClipAdapter().convert_from_dtlpy(str(tmp_path))
-    assert fetched == ["65f1c0a9e1b2c3d4e5f6bb99"]
-    assert prompt_images_to_download(tmp_path) == {}
-    after = {p.caption for p in load_pairs(tmp_path).pairs}
+    project = platform.add_project()
+    images = platform.add_dataset(project["id"], "elsewhere")
+    platform.add_item(images["id"], "/the-image.png", png_bytes(5), "image/png", item_id="65f1c0a9e1b2c3d4e5f6bb99")
+    before = {p.caption for p in load_pairs(export).pairs}
+    ClipAdapter().convert_from_dtlpy(str(export))
+    assert prompt_images_to_download(export) == {}
+    assert "GET /items/65f1c0a9e1b2c3d4e5f6bb99" in platform.requests
+    after = {p.caption for p in load_pairs(export).pairs}
     assert "no image" in after - before
 
 
-def test_convert_from_dtlpy_reports_an_image_it_cannot_fetch(tmp_path, monkeypatch, caplog):
-    import dtlpy as dl
-
+def test_convert_from_dtlpy_reports_an_image_it_cannot_fetch(tmp_path, platform, caplog):
     from test_data import export_with_bad_records
 
-    export_with_bad_records(tmp_path)
-
-    def get(item_id=None, **kwargs):
-        raise dl.exceptions.NotFound("404", "item not found")
-
-    monkeypatch.setattr(dl.items, "get", get)
+    export_with_bad_records(tmp_path / "export")  # its prompt image is on no platform: the gate answers 404
     with caplog.at_level("WARNING"):
-        ClipAdapter().convert_from_dtlpy(str(tmp_path))  # does not raise: the rest still trains
+        ClipAdapter().convert_from_dtlpy(str(tmp_path / "export"))  # does not raise: the rest still trains
     assert "prompt image 65f1c0a9e1b2c3d4e5f6bb99" in caplog.text and "NotFound" in caplog.text
 
 
-def test_evaluate_scores_the_datasets_captioned_items_and_reports_metrics(tmp_path, monkeypatch):
-    """ClipAdapter.evaluate as dtlpy's evaluate_model calls it.
-
-    Faked, being server calls: the dataset's download (it copies an export written here, in dtlpy's
-    items/ + json/ layout), `dl.items.get` for prompt images, and `model.metrics.create` (recorded)."""
-    import shutil
-
+def test_evaluate_scores_the_datasets_captioned_items_and_reports_metrics(tmp_path, platform):
+    """ClipAdapter.evaluate as dtlpy's evaluate_model calls it, on a caption dataset on the fake
+    platform; the metrics it sends are the library's evaluate_pairs of the same pairs."""
     import dtlpy as dl
 
-    from adapters.clip.manifests import load_pairs
     from adapters.clip.evaluate import evaluate_pairs
-    from test_train import write_default_layout_export
+    from adapters.clip.pairs import CaptionPair
+    from test_platform_contract import caption_dataset
 
-    export = tmp_path / "export"
-    write_default_layout_export(export, n_train=0, n_val=8)
-    images = export / "prompt_images"
-    model = offline_model({"model_name": "tiny", "batch_size": 4})
-    plots = []
-    model.metrics.create = lambda samples, dataset_id=None: plots.extend(samples) or True
-    dataset = dl.Dataset.from_json(project=None, _json={"id": "dataset-9", "name": "captions"},
-                                   client_api=dl.client_api)
-
-    def download(local_path=None, filters=None, annotation_options=None, **kwargs):
-        assert annotation_options == dl.ViewAnnotationOptions.JSON
-        shutil.copytree(export / "validation", local_path)
-
-    monkeypatch.setattr(dataset.items, "download", download)
-    monkeypatch.setattr(dl.items, "get", lambda item_id=None, **k: file_item(item_id, images / f"{item_id}.png",
-                                                                             "image/png"))
+    dataset_record = caption_dataset(platform, platform.add_project(), n_train=0, n_val=8)
+    model = platform_model(platform, {"model_name": "tiny", "batch_size": 4})
     adapter = ClipAdapter()
     adapter.model_entity = model
     adapter.load(str(tmp_path / "no-artifacts"))
+    dataset = dl.datasets.get(dataset_id=dataset_record["id"])
     assert adapter.evaluate(model, dataset, filters=None) is model
 
-    expected = evaluate_pairs(adapter.clip, load_pairs(export).subset("validation"))
-    reported = {s.figure.removeprefix("evaluation: "): s.y for s in plots}
+    pairs = []
+    for item in platform.dataset_items(dataset_record["id"]):
+        prompt = json.loads(platform.binaries[item["id"]])
+        image_id = prompt["prompts"]["1"][0]["value"].split("/items/")[1].split("/")[0]
+        image = tmp_path / f"{image_id}.png"
+        image.write_bytes(platform.binaries[image_id])
+        (caption,) = platform.item_annotations(item["id"])
+        pairs.append(CaptionPair(image=image, caption=caption["coordinates"], subset="validation"))
+    expected = evaluate_pairs(adapter.clip, pairs)
+    reported = {m["figure"].removeprefix("evaluation: "): m["data"] for m in platform.metrics}
     assert expected["pairs"] == 8
     for key in ("t2i_r1", "i2t_r1", "t2i_r5", "mean_recall"):
-        assert reported[key] == pytest.approx(expected[key])
-    assert {s.legend for s in plots} == {"captions"}
+        assert reported[key] == {"x": 0, "y": pytest.approx(expected[key])}
+    assert {(m["modelId"], m["legend"]) for m in platform.metrics} == {(model.id, "caption-prompts")}

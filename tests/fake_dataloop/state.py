@@ -79,12 +79,13 @@ class PlatformState:
 
     def add_item(self, dataset_id: str, filename: str, data: bytes, mimetype: Optional[str] = None,
                  metadata: Optional[dict] = None, description: Optional[str] = None,
-                 shebang: Optional[dict] = None, hidden: bool = False) -> dict:
-        """An item with its binary; `filename` is the remote path ('/dir/name.png')."""
+                 shebang: Optional[dict] = None, hidden: bool = False, item_id: Optional[str] = None) -> dict:
+        """An item with its binary; `filename` is the remote path ('/dir/name.png'). `item_id`: a
+        given id (e.g. one an export written elsewhere refers to) instead of a new one."""
         with self.lock:
             filename = "/" + filename.lstrip("/")
             directory, _, name = filename.rpartition("/")
-            item_id = self.new_id()
+            item_id = item_id or self.new_id()
             mimetype = mimetype or mimetypes.guess_type(name)[0] or "application/octet-stream"
             system = {"originalname": name, "size": len(data), "encoding": "7bit", "mimetype": mimetype,
                       "refs": [], "isBinary": not mimetype.startswith("text/")}
