@@ -42,8 +42,8 @@ TRAIN_TEMPLATES = ("a {colour} {shape} in the {corner}", "{corner}: a {colour} {
 VALIDATION_TEMPLATE = "a {colour} {shape} in the {corner}"
 IMAGE_SIZE = 64
 
-# From scratch: large learning rate, short warmup, 15 epochs (docs/fine-tuning.md). 30 epochs took
-# twice as long for the same text->image Recall@1 (22.9%; mean recall 70.8% instead of 67.7%).
+# From scratch: large learning rate, short warmup, 15 epochs (docs/fine-tuning.md). 30 epochs took 2.4x
+# the CPU time for the same text->image Recall@1 (22.9%; mean recall 70.8% instead of 67.7%).
 DEMO_CONFIG: dict[str, Any] = {
     "model_name": "tiny", "batch_size": 32, "num_epochs": 15, "learning_rate": 2e-3, "warmup_ratio": 0.1,
     "weight_decay": 0.1, "early_stop": True, "early_stopping_epochs": 8, "device": "cpu", "seed": 0,

@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from .errors import ClipAdapterError, WeightsUnavailableError
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .progress import progress_bar
+
+if TYPE_CHECKING:  # annotations only: search pulls in numpy and the store
+    from .search import Hit
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -265,15 +268,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .indexing import IndexOptions, index, reindex
 
     root = _store_root(args)
-    if not args.paths and not args.reindex:
-        args.paths = _stored_roots(root)
-        print(f"rescanning the store's folders: {', '.join(args.paths)}", file=sys.stderr)
+    paths = args.paths
+    if not paths and not args.reindex:
+        paths = _stored_roots(root)
+        print(f"rescanning the store's folders: {', '.join(paths)}", file=sys.stderr)
     model = args.model or _stored_model(root) or DEFAULT_MODEL
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
                            batch_size=args.batch_size, ann=args.ann)
     embedder = Embedder(load_model(model, device=args.device), batch_size=args.batch_size, num_workers=args.workers)
-    summary = (reindex if args.reindex else index)(root, embedder, args.paths, options)
+    summary = (reindex if args.reindex else index)(root, embedder, paths, options)
     for path, reason in summary.failures[:MAX_LISTED_FAILURES]:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if len(summary.failures) > MAX_LISTED_FAILURES:
@@ -402,7 +406,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _hit_caption(hit, name: str) -> str:
+def _hit_caption(hit: "Hit", name: str) -> str:
     """Rank and score (and the date taken), the path that tells it apart, the camera."""
     taken = str(hit.metadata.get("taken", ""))[:10]
     first = f"{hit.rank}. {hit.score:.3f}" + (f"  {taken}" if taken else "")
