@@ -109,6 +109,17 @@ def _sort_key(value: Any):
     return (value is MISSING or value is None, "" if value is MISSING or value is None else str(value))
 
 
+def run(documents: Iterable[dict], query: dict, presorted: bool = False) -> dict:
+    """A DQL query (`filter`, `sort`, `page`, `pageSize`) on documents: the gate's paged answer."""
+    found = [d for d in documents if matches(d, query.get("filter"))]
+    return page_of(found if presorted else sort_documents(found, query.get("sort")), query)
+
+
+def page_of(documents: list[dict], query: dict) -> dict:
+    """The page a query asks for (default: the first 1000)."""
+    return page(documents, int(query.get("page", 0)), int(query.get("pageSize", 1000)))
+
+
 def page(documents: list[dict], page_number: int, page_size: int) -> dict:
     """Dataloop's paged answer. pageSize 0 means: the count only."""
     total = len(documents)
@@ -121,4 +132,4 @@ def page(documents: list[dict], page_number: int, page_size: int) -> dict:
             "hasNextPage": start + page_size < total}
 
 
-__all__ = ["matches", "sort_documents", "page", "field_value", "glob_matches", "UnsupportedQuery"]
+__all__ = ["matches", "run", "page_of", "sort_documents", "page", "field_value", "glob_matches", "UnsupportedQuery"]

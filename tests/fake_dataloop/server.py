@@ -149,11 +149,8 @@ class FakeGate:
         query = request.json() or {}
         project_ids = request.query.get("projects", [])
         with self.state.lock:
-            datasets = [d for d in self.state.datasets.values()
-                        if (not project_ids or set(project_ids) & set(d["projects"]))
-                        and dql.matches(d, query.get("filter"))]
-        return Reply(dql.page(dql.sort_documents(datasets, query.get("sort")), int(query.get("page", 0)),
-                              int(query.get("pageSize", 1000))))
+            return Reply(dql.run([d for d in self.state.datasets.values()
+                                  if not project_ids or set(project_ids) & set(d["projects"])], query))
 
     @route("GET", "/datasets")
     def list_datasets(self, request: Request) -> Reply:
@@ -181,7 +178,7 @@ class FakeGate:
                     raise dql.UnsupportedQuery("bulk item delete/update")
             else:
                 raise dql.UnsupportedQuery(f"query of resource {resource!r}")
-            return Reply(dql.page(copy.deepcopy(found), int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+            return Reply(dql.page_of(copy.deepcopy(found), query))
 
     @route("POST", f"/datasets/{ID}/items")
     def upload_item(self, request: Request) -> Reply:
@@ -337,9 +334,7 @@ class FakeGate:
     def query_feature_sets(self, request: Request) -> Reply:
         query = request.json() or {}
         with self.state.lock:
-            found = [f for f in self.state.feature_sets.values() if dql.matches(f, query.get("filter"))]
-        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
-                              int(query.get("pageSize", 1000))))
+            return Reply(dql.run(self.state.feature_sets.values(), query))
 
     @route("POST", "/features/sets")
     def create_feature_set(self, request: Request) -> Reply:
@@ -390,9 +385,7 @@ class FakeGate:
     def query_feature_vectors(self, request: Request) -> Reply:
         query = request.json() or {}
         with self.state.lock:
-            found = [f for f in self.state.features.values() if dql.matches(f, query.get("filter"))]
-        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
-                              int(query.get("pageSize", 1000))))
+            return Reply(dql.run(self.state.features.values(), query))
 
     # ---- models, metrics ---------------------------------------------------------------------
     @route("GET", f"/ml/models/{ID}")
@@ -419,9 +412,7 @@ class FakeGate:
     def query_models(self, request: Request) -> Reply:
         query = request.json() or {}
         with self.state.lock:
-            found = [m for m in self.state.models.values() if dql.matches(m, query.get("filter"))]
-        return Reply(dql.page(dql.sort_documents(found, query.get("sort")), int(query.get("page", 0)),
-                              int(query.get("pageSize", 1000))))
+            return Reply(dql.run(self.state.models.values(), query))
 
     @route("POST", "/ml/metrics/publish")
     def publish_metrics(self, request: Request) -> Reply:
@@ -435,8 +426,7 @@ class FakeGate:
     def query_metrics(self, request: Request) -> Reply:
         query = request.json() or {}
         with self.state.lock:
-            found = [m for m in self.state.metrics if dql.matches(m, query.get("filter"))]
-        return Reply(dql.page(found, int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+            return Reply(dql.run(self.state.metrics, query, presorted=True))  # in the order sent
 
     @route("POST", f"/ml/models/{ID}/embed")
     def model_embed(self, request: Request) -> Reply:
@@ -510,8 +500,7 @@ class FakeGate:
         if query.get("resource") != "executions":
             raise dql.UnsupportedQuery(f"FaaS query of resource {query.get('resource')!r}")
         with self.state.lock:
-            found = [e for e in self.state.executions.values() if dql.matches(e, query.get("filter"))]
-        return Reply(dql.page(copy.deepcopy(found), int(query.get("page", 0)), int(query.get("pageSize", 1000))))
+            return Reply(copy.deepcopy(dql.run(self.state.executions.values(), query)))
 
 
 class _Handler(BaseHTTPRequestHandler):
