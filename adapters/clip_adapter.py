@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -23,8 +24,10 @@ if _REPO_ROOT not in sys.path:
 from adapters.clip.config import ClipConfig  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
 from adapters.clip.errors import ClipAdapterError  # noqa: E402
-from adapters.clip.items import IMAGE, PROMPT, TEXT, ItemInput, decode_payload, item_kind  # noqa: E402
+from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
+                                 item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
+from adapters.clip.runs import adopt_run, is_marked_resumable, mark_resumable, read_saved_run  # noqa: E402
 
 # Keys dtlpy itself keeps in a model's configuration; ours are validated by ClipConfig.
 DTLPY_KEYS = frozenset({f.name for f in dataclasses.fields(AdapterDefaults)} | {
@@ -33,6 +36,9 @@ DTLPY_KEYS = frozenset({f.name for f in dataclasses.fields(AdapterDefaults)} | {
 })
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+NO_LABELS = ("the model has no labels to classify into; give the model labels (its dataset's ontology) "
+             "or set the 'labels' configuration key, e.g. [\"cat\", \"dog\"]")
 
 
 class ClipAdapterFailure(RuntimeError):
@@ -52,23 +58,38 @@ def user_errors(hook: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def download_bytes(item: dl.Item) -> tuple[Optional[bytes], Optional[str]]:
+    """An item's bytes through dtlpy's public download, or why there are none (never raises)."""
+    try:
+        buffer = item.download(save_locally=False)
+    except Exception as exc:  # noqa: BLE001 - a failed download is this item's problem only
+        return None, f"download failed: {type(exc).__name__}: {exc}"
+    if buffer is None:
+        return None, "download failed: the platform returned no data"
+    return buffer.getvalue(), None
+
+
 class ClipAdapter(dl.BaseModelAdapter):
     def __init__(self, model_entity: Optional[dl.Model] = None):
         self.clip: Optional[ClipModel] = None
         self.embedder: Optional[Embedder] = None
         self.settings: ClipConfig = ClipConfig()
+        self._warned_no_labels = False
+        self._artifacts_dir: Optional[Path] = None  # where load_from_model put the model's artifacts
+        self._interrupted = False  # the last train() failed: `save` keeps the starting weights
         super().__init__(model_entity=model_entity)
 
     # ---- configuration -------------------------------------------------------------------
     def read_settings(self) -> ClipConfig:
         """The model entity's configuration, validated (defaults without an entity)."""
         raw = {k: v for k, v in dict(self.configuration).items() if k not in DTLPY_KEYS}
-        self.settings = ClipConfig.from_dict(raw, warn=self.logger.warning)
+        # Never fatal here: a key from a later platform release must not stop a deployed model.
+        self.settings = ClipConfig.from_dict(raw, warn=self.logger.warning, unknown_keys="warn")
         return self.settings
 
     def _record_embeddings_size(self, dim: int) -> None:
         """The feature set is created with configuration['embeddings_size'] (dtlpy defaults to 256)."""
-        if self._model_entity is None:
+        if self.entity_or_none() is None:
             return
         configured = self.configuration["embeddings_size"] if "embeddings_size" in self.configuration else None
         if configured is not None and configured != dim:
@@ -83,7 +104,9 @@ class ClipAdapter(dl.BaseModelAdapter):
     def load(self, local_path: str, **kwargs) -> None:
         """Fine-tuned weights in `local_path` if there are any, else the model named by model_name."""
         settings = self.read_settings()
-        checkpoint = find_checkpoint(local_path) if local_path else None
+        self._warned_no_labels = False
+        self._artifacts_dir, self._interrupted = (Path(local_path) if local_path else None), False
+        checkpoint = find_checkpoint(local_path, settings.weights_filename) if local_path else None
         source = str(checkpoint) if checkpoint else settings.model_name
         self.clip = load_model(source, device=settings.device, precision=settings.precision,
                                arch=settings.model_name if checkpoint else None)
@@ -97,29 +120,62 @@ class ClipAdapter(dl.BaseModelAdapter):
     def save(self, local_path: str, **kwargs) -> None:
         """Write the project's checkpoint format into `local_path` (uploaded as the model's artifacts)."""
         self._require_loaded()
+        run_dir = Path(local_path) / self.TRAINING_DIR
+        if self._interrupted:
+            self._save_interrupted_run(run_dir)
+            return
         save_checkpoint(self.clip, local_path, config=self.settings.to_dict(),
                         metrics=kwargs.get("metrics"), replace_directory=False)
+        if run_dir.is_dir():  # a finished training: an earlier interrupted run's state is stale now
+            mark_resumable(run_dir, False)
+
+    def _save_interrupted_run(self, run_dir: Path) -> None:
+        """dtlpy's train_model uploads `output_path` when training fails too (preemption, timeout, an
+        error): keep the model's starting weights as its weights, and upload the resume state so the
+        next train_model continues from the last finished epoch instead of starting over."""
+        resumable = read_saved_run(run_dir) is not None
+        if run_dir.is_dir():
+            mark_resumable(run_dir, resumable)
+        self.logger.warning(
+            "training was interrupted: the model keeps its starting weights (the best epoch so far is in its "
+            f"artifacts under {self.TRAINING_DIR}/best); "
+            + ("train it again to continue from the last finished epoch" if resumable
+               else "no epoch had finished, so the next training starts over"))
 
     def prepare_item_func(self, item: dl.Item) -> ItemInput:
         """Download one item (dtlpy calls this in 16 threads); never raises, so no item is lost.
 
         The base class would turn prompt items into None for an 'image' model; CLIP embeds
-        their text, and text items too.
+        their text, or the image their prompt points to when they have no text (what
+        utils/prepare_dataset.py makes), and text items too.
         """
         kind = item_kind(getattr(item, "mimetype", None), getattr(item, "system", None))
         prepared = ItemInput(item_id=item.id, kind=kind, item=item)
         if kind not in (IMAGE, TEXT, PROMPT):
             prepared.error = f"unsupported item type {item.mimetype!r} (CLIP embeds images, texts and prompt items)"
             return prepared
-        try:
-            buffer = item.download(save_locally=False)
-            if buffer is None:
-                prepared.error = "download failed: the platform returned no data"
-            else:
-                prepared.data, prepared.error = decode_payload(kind, buffer.getvalue())
-        except Exception as exc:  # noqa: BLE001 - a failed download is this item's problem only
-            prepared.error = f"download failed: {type(exc).__name__}: {exc}"
+        raw, prepared.error = download_bytes(item)
+        if raw is not None:
+            prepared.data, prepared.error = decode_payload(kind, raw)
+        if isinstance(prepared.data, PromptImage):
+            prepared.kind = IMAGE
+            prepared.data, prepared.error = self._prompt_image_bytes(prepared.data.ref)
         return prepared
+
+    @staticmethod
+    def _prompt_image_bytes(ref: str) -> tuple[Optional[bytes], Optional[str]]:
+        """The bytes of the item a prompt's image reference points to, or why there are none."""
+        from adapters.clip.items import ref_item_id
+
+        item_id = ref_item_id(ref)
+        if item_id is None:
+            return None, f"prompt image {ref!r} is not a Dataloop item"
+        try:
+            image_item = dl.items.get(item_id=item_id)
+        except Exception as exc:  # noqa: BLE001 - this item's problem only
+            return None, f"prompt image (item {item_id}): {type(exc).__name__}: {exc}"
+        raw, error = download_bytes(image_item)
+        return raw, (f"prompt image (item {item_id}): {error}" if error else None)
 
     @user_errors
     def embed(self, batch: list, **kwargs) -> list[Optional[list[float]]]:
@@ -145,17 +201,28 @@ class ClipAdapter(dl.BaseModelAdapter):
     @user_errors
     def predict(self, batch: list, **kwargs) -> list:
         """One dl.AnnotationCollection per element: the top `top_k` labels of each image as
-        dl.Classification with their softmax confidence; empty for anything that is not an image."""
+        dl.Classification with their softmax confidence; empty for anything that is not an image.
+
+        A model without labels predicts nothing (one warning per loaded model, not per batch):
+        dtlpy's `evaluate_model` predicts over the dataset before it evaluates, and a failed batch
+        would fail the evaluation of every embedding model.
+        """
         self._require_loaded()
-        classifier = self._zero_shot_classifier()
+        collections = [dl.AnnotationCollection() for _ in batch]
+        labels = self.zero_shot_labels()
+        if not labels:
+            if not self._warned_no_labels:
+                self._warned_no_labels = True
+                self.logger.warning(f"CLIP adapter: predict gives no annotations: {NO_LABELS}")
+            return collections
+        classifier = self._zero_shot_classifier(labels)
         inputs = [x if isinstance(x, ItemInput) else self.prepare_item_func(x) for x in batch]
-        collections = [dl.AnnotationCollection() for _ in inputs]
         images = [i for i, x in enumerate(inputs) if x.ok and x.kind == IMAGE]
         for x in [x for x in inputs if not (x.ok and x.kind == IMAGE)]:
             reason = x.error or f"a {x.kind} item (zero-shot classification labels images)"
             self.logger.info(f"item {x.item_id}: no prediction: {reason}")
         results = classifier.classify([inputs[i].data for i in images], top_k=self.settings.top_k)
-        entity = self._model_entity
+        entity = self.entity_or_none()
         for index, result in zip(images, results):
             if not result.ok:
                 self.logger.warning(f"item {inputs[index].item_id}: no prediction: {result.error}")
@@ -168,26 +235,22 @@ class ClipAdapter(dl.BaseModelAdapter):
         return collections
 
     def zero_shot_labels(self) -> list[str]:
-        """The model entity's labels (or its id_to_label_map), else the `labels` configuration key."""
-        from adapters.clip.errors import ConfigError
-
-        entity = self._model_entity
+        """The model entity's labels (or its id_to_label_map), else the `labels` configuration key;
+        empty when there are none."""
+        entity = self.entity_or_none()
         if entity is not None:
             if entity.labels:
                 return [str(label) for label in entity.labels]
             mapping = self.configuration["id_to_label_map"] if "id_to_label_map" in self.configuration else None
             if mapping:
                 return [str(mapping[key]) for key in sorted(mapping, key=int)]
-        if self.settings.labels:
-            return list(self.settings.labels)
-        raise ConfigError("zero-shot predict has no labels: give the model labels (its dataset's ontology) "
-                          "or set the 'labels' configuration key, e.g. [\"cat\", \"dog\"]")
+        return list(self.settings.labels or [])
 
-    def _zero_shot_classifier(self):
+    def _zero_shot_classifier(self, labels: list[str]):
         """Class vectors are computed once per (labels, templates, weights), not per batch."""
         from adapters.clip.classify import ZeroShotClassifier
 
-        labels, templates = self.zero_shot_labels(), list(self.settings.prompt_templates)
+        templates = list(self.settings.prompt_templates)
         key = (tuple(labels), tuple(templates), id(self.clip), self.clip.fingerprint)
         cached = getattr(self, "_zero_shot", None)
         if cached is None or cached[0] != key:
@@ -206,41 +269,77 @@ class ClipAdapter(dl.BaseModelAdapter):
         or WiSE-FT) weights there, so dtlpy's `save_to_model` -> `save` uploads them. The run's
         curves and report go to `output_path/training` and are uploaded with the weights; the
         resumable state and duplicate checkpoints are removed once training has finished.
+
+        A train_model that died (preemption, timeout, an error) uploaded its resume state with the
+        artifacts (see `save`); the next train_model of the model downloads it and continues from
+        the last finished epoch, ending with the weights an uninterrupted run would have.
         """
         import shutil
 
         from adapters.clip.manifests import load_pairs
-        from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
         from adapters.clip.reports import name_output
         from adapters.clip.runs import BEST, LAST, WISE_FT
-        from adapters.clip.train import fit, load_weights_into
+        from adapters.clip.train import fit
 
         self._require_loaded()
         settings = self.read_settings()
         pairs = load_pairs(data_path)
         self.logger.info(f"training on {data_path}: {pairs.summary()}")
         run_dir = Path(output_path) / self.TRAINING_DIR
+        resume = self._continue_interrupted_run(run_dir, settings, pairs)
         epoch_end = kwargs.get("on_epoch_end_callback")
+        upload_every_s, last_upload = settings.resume_upload_minutes * 60, time.monotonic()
 
         def on_epoch_end(record, num_epochs: int) -> None:
+            nonlocal last_upload
             self._publish_epoch(record)
+            if upload_every_s and record.epoch < num_epochs and time.monotonic() - last_upload >= upload_every_s:
+                self._upload_resume_state(run_dir)
+                last_upload = time.monotonic()
             if epoch_end is not None:
                 epoch_end(record.epoch - 1, num_epochs)  # dtlpy counts epochs from 0
 
+        self._interrupted = False
         try:
-            result = fit(settings, pairs, run_dir, clip=self.clip, on_epoch_end=on_epoch_end)
+            result = fit(settings, pairs, run_dir, clip=self.clip, resume=resume, on_epoch_end=on_epoch_end)
         except BaseException:
-            # dtlpy saves and uploads the model on failure too: make that the best epoch so far,
-            # not whatever the interrupted step left in memory.
-            best = run_dir / BEST / CHECKPOINT_WEIGHTS
-            if best.is_file():
-                load_weights_into(self.clip, read_state_dict(best))
+            self._interrupted = True  # what `save` then uploads: see _save_interrupted_run
             raise
         self.model = self.clip.model
         for name in (LAST, BEST, WISE_FT):  # the weights themselves are saved by `save`
             shutil.rmtree(run_dir / name, ignore_errors=True)
         name_output(run_dir, output_path)  # the report named best/, just removed: the model is output_path
         self.logger.info(f"training finished: {self._headline(result.report)}")
+
+    def _upload_resume_state(self, run_dir: Path) -> None:
+        """The run so far (last/, best/, metrics) to the model's artifacts under training/: what the next
+        train_model continues from if this pod is killed outright (no exception, so no save on failure)."""
+        entity = self.entity_or_none()
+        if entity is None:
+            return
+        mark_resumable(run_dir, True)
+        started = time.monotonic()
+        try:
+            entity.artifacts.upload(filepath=str(run_dir), overwrite=True)  # keeps the folder: training/...
+        except Exception as exc:  # noqa: BLE001 - a failed upload costs resumability, not the training
+            self.logger.warning(f"could not upload the resume state: {type(exc).__name__}: {exc}")
+            return
+        self.logger.info(f"uploaded the resume state in {time.monotonic() - started:.0f} s")
+
+    def _continue_interrupted_run(self, run_dir: Path, settings: ClipConfig, pairs) -> bool:
+        """Put the resume state an interrupted train_model uploaded (now downloaded with the artifacts)
+        into `run_dir`, when it is this model's run on the same data and configuration."""
+        from adapters.clip.train import resume_problem
+
+        saved = self._artifacts_dir / self.TRAINING_DIR if self._artifacts_dir is not None else None
+        if saved is None or not is_marked_resumable(saved) or saved.resolve() == run_dir.resolve():
+            return False
+        problem = resume_problem(saved, settings, pairs, self.clip)
+        if problem is not None:
+            self.logger.warning(f"not continuing the interrupted training ({problem}): training from the start")
+            return False
+        self.logger.info(f"continuing the interrupted training after epoch {adopt_run(saved, run_dir).epoch}")
+        return True
 
     EVAL_FIGURES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall",
                     "zero_shot_accuracy")
@@ -309,18 +408,18 @@ class ClipAdapter(dl.BaseModelAdapter):
 
         try:
             item = dl.items.get(item_id=item_id)
-            buffer = item.download(save_locally=False)
-            if buffer is None:
-                return f"prompt image {item_id}: the platform returned no data"
-            with atomic_path(prompt_image_target(data_path, item_id, Path(item.name).suffix or ".jpg")) as tmp:
-                tmp.write_bytes(buffer.getvalue())
         except Exception as exc:  # noqa: BLE001 - one missing image must not stop the training
             return f"prompt image {item_id}: {type(exc).__name__}: {exc}"
+        raw, error = download_bytes(item)
+        if error:
+            return f"prompt image {item_id}: {error}"
+        with atomic_path(prompt_image_target(data_path, item_id, Path(item.name).suffix or ".jpg")) as tmp:
+            tmp.write_bytes(raw)
         return None
 
     def _publish_epoch(self, record) -> None:
         """Per-epoch loss and recall as the platform's metric plots; a failed upload never stops training."""
-        if self._model_entity is None:
+        if self.entity_or_none() is None:
             return
         val = record.val
         samples = [dl.PlotSample(figure="loss", legend="train", x=record.epoch, y=record.train_loss),
@@ -340,6 +439,13 @@ class ClipAdapter(dl.BaseModelAdapter):
 
 
     # ---- helpers -------------------------------------------------------------------------
+    def entity_or_none(self) -> Optional[dl.Model]:
+        """The model entity, or None when the adapter runs without one (dtlpy's public property raises)."""
+        try:
+            return self.model_entity
+        except ValueError:
+            return None
+
     def _require_loaded(self) -> None:
         if self.clip is None or self.embedder is None:
             raise ClipAdapterFailure("CLIP adapter: no model loaded; call load() (or load_from_model) first")

@@ -59,14 +59,29 @@ def test_embed_items_runs_our_embed_for_every_kind(adapter, items, tmp_path):
 
 
 def test_failures_are_logged_with_reasons(adapter, items, caplog):
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
         vectors = adapter.embed([adapter.prepare_item_func(it) for it in items[3:]])
     assert vectors == [None, None, None, None]
     log = caplog.text
     assert "vid" in log and "unsupported item type 'video/mp4'" in log
     assert "bad" in log and ("not an image" in log or "corrupt" in log)
     assert "gone" in log and "download failed: the platform returned no data" in log
-    assert "nop" in log and "no text prompt" in log
+    assert "nop" in log and "neither a text nor an image prompt" in log
+
+
+def test_a_prompt_item_without_text_is_its_prompts_image(adapter, tmp_path):
+    """What utils/prepare_dataset.py makes: the prompt holds only an image (another item, by URL).
+    The fetch through the platform: tests/test_platform_flows.py."""
+    from adapters.clip.items import PROMPT, PromptImage, decode_payload
+
+    stream = "https://gate.dataloop.ai/api/v1/items/65f1c0a9e1b2c3d4e5f6bb01/stream"
+    assert decode_payload(PROMPT, prompt_json("", image_url=stream).encode()) == (PromptImage(stream), None)
+    assert decode_payload(PROMPT, prompt_json("a cat", image_url=stream).encode()) == ("a cat", None)
+    (tmp_path / "elsewhere.json").write_text(prompt_json("", image_url="https://example.com/cat.png"))
+    prepared = adapter.prepare_item_func(file_item("ext", tmp_path / "elsewhere.json", "application/json",
+                                                   prompt=True))
+    assert prepared.kind == "image" and prepared.data is None
+    assert prepared.error == "prompt image 'https://example.com/cat.png' is not a Dataloop item"
 
 
 def test_load_writes_the_real_embeddings_size(adapter):
@@ -103,10 +118,35 @@ def test_load_reads_the_earlier_adapters_best_pt(adapter, tmp_path, platform):
     assert legacy.settings.early_stop is True
 
 
-def test_bad_configuration_is_one_clear_message(tmp_path, platform):
+def test_load_honours_the_earlier_adapters_weights_filename(adapter, tmp_path, platform):
+    artifacts = tmp_path / "legacy"
+    artifacts.mkdir()
+    torch.save({"model_state_dict": adapter.clip.model.state_dict()}, artifacts / "clip_weights.pth")
+    legacy = ClipAdapter()
+    legacy.model_entity = platform_model(platform, {"model_name": "tiny", "weights_filename": "clip_weights.pth"})
+    legacy.load(str(artifacts))
+    assert legacy.clip.fingerprint == adapter.clip.fingerprint
+    untrained = ClipAdapter()  # that adapter's untrained models name best.pt but have no artifacts yet
+    untrained.model_entity = platform_model(platform, {"model_name": "tiny", "weights_filename": "best.pt"})
+    untrained.load(str(tmp_path / "no-artifacts"))
+    assert untrained.clip is not None
+
+
+def test_unknown_configuration_keys_never_stop_a_deploy(tmp_path, platform, caplog):
+    typo = ClipAdapter()
+    typo.model_entity = platform_model(platform, {"model_name": "tiny", "learning_rat": 1e-5,
+                                                  "a_later_platform_key": 1})
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
+        typo.load(str(tmp_path))
+    assert typo.clip is not None
+    warned = [r.getMessage() for r in caplog.records if "unknown configuration key" in r.getMessage()]
+    assert len(warned) == 2 and "did you mean 'learning_rate'" in warned[0]
+
+
+def test_bad_configuration_value_is_one_clear_message(tmp_path, platform):
     bad = ClipAdapter()
-    bad.model_entity = platform_model(platform, {"model_name": "tiny", "learning_rat": 1e-5})
-    with pytest.raises(ClipAdapterFailure, match="did you mean 'learning_rate'"):
+    bad.model_entity = platform_model(platform, {"model_name": "tiny", "learning_rate": -1})
+    with pytest.raises(ClipAdapterFailure, match="learning_rate"):
         bad.load(str(tmp_path))
 
 
@@ -149,7 +189,7 @@ def test_convert_from_dtlpy_reports_an_image_it_cannot_fetch(tmp_path, platform,
     from test_data import export_with_bad_records
 
     export_with_bad_records(tmp_path / "export")  # its prompt image is on no platform: the gate answers 404
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
         ClipAdapter().convert_from_dtlpy(str(tmp_path / "export"))  # does not raise: the rest still trains
     assert "prompt image 65f1c0a9e1b2c3d4e5f6bb99" in caplog.text and "NotFound" in caplog.text
 

@@ -82,3 +82,41 @@ def test_updated_validates_changes():
     assert c.updated(batch_size=8).batch_size == 8
     with pytest.raises(ConfigError):
         c.updated(batch_size=-8)
+
+
+# ---- on the platform (unknown_keys="warn"): nothing the app does not know stops a deploy --------
+EARLIER_ADAPTER_CONFIGURATION = {  # what the earlier Dataloop CLIP adapter's models carry
+    "model_name": "ViT-B/32", "batch_size": 128, "num_epochs": 100, "early_stopping": True,
+    "early_stopping_epochs": 5, "betas": [0.9, 0.98], "episilon": 1e-6, "learning_rate": 5e-8,
+    "weight_decay": 0.001, "weights_filename": "best.pt",
+}
+
+
+def test_the_earlier_adapters_configuration_loads_without_a_warning_about_weights_filename():
+    warnings = []
+    c = ClipConfig.from_dict(EARLIER_ADAPTER_CONFIGURATION, warn=warnings.append, unknown_keys="warn")
+    assert c.weights_filename == "best.pt" and c.early_stop is True and c.epsilon == 1e-6
+    assert len(warnings) == 2 and not any("weights_filename" in w for w in warnings)
+    # ...and it is valid for the CLI too: weights_filename is a key, not a typo
+    assert ClipConfig.from_dict(EARLIER_ADAPTER_CONFIGURATION, warn=lambda m: None).weights_filename == "best.pt"
+
+
+def test_unknown_keys_warn_once_each_naming_the_closest_key():
+    warnings = []
+    c = ClipConfig.from_dict({"learning_rat": 3e-5, "added_by_a_later_platform": {"x": 1}},
+                             warn=warnings.append, unknown_keys="warn")
+    assert c.learning_rate == ClipConfig().learning_rate  # ignored, not guessed
+    assert len(warnings) == 2
+    assert "'learning_rat'" in warnings[0] and "did you mean 'learning_rate'" in warnings[0]
+    assert "'added_by_a_later_platform'" in warnings[1] and "valid keys" not in warnings[1]
+
+
+def test_conflicting_alias_is_a_warning_on_the_platform_and_the_new_key_wins():
+    warnings = []
+    c = ClipConfig.from_dict({"episilon": 1e-8, "epsilon": 1e-6}, warn=warnings.append, unknown_keys="warn")
+    assert c.epsilon == 1e-6 and "using 'epsilon'" in warnings[0]
+
+
+def test_bad_values_stay_errors_on_the_platform():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        ClipConfig.from_dict({"learning_rate": -1.0}, unknown_keys="warn")

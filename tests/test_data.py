@@ -125,6 +125,44 @@ def test_dtlpy_layout_reads_descriptions_and_prompt_captions(tmp_path):
     assert sorted(p.caption for p in load_pairs(data).pairs) == sorted(p.caption for p in result.pairs)
 
 
+def model_annotation(annotation: dict, where: str) -> dict:
+    """What dtlpy uploads for a model: `metadata.system.model` (predict_items), or `metadata.user.model`
+    (PromptItem.add with model_info: a model's reply on a prompt item)."""
+    info = {"model_id": "65f1c0a9e1b2c3d4e5f6cc01", "name": "clip-vit-b32", "confidence": 0.9}
+    annotation = json.loads(json.dumps(annotation))
+    annotation["metadata"].setdefault(where, {})["model"] = info
+    return annotation
+
+
+def zero_shot_class(label: str) -> dict:
+    return {"id": "65f1c0a9e1b2c3d4e5f6a0c1", "type": "class", "label": label, "coordinates": None,
+            "metadata": {"system": {"model": {"model_id": "65f1c0a9e1b2c3d4e5f6cc01", "name": "clip-vit-b32",
+                                              "confidence": 0.61}}, "user": {}}}
+
+
+def test_model_annotations_are_never_captions_or_labels(tmp_path):
+    human = free_text("a red circle", "65f1c0a9e1b2c3d4e5f6a011")
+    reply = model_annotation(free_text("the model says: a pie", "65f1c0a9e1b2c3d4e5f6a012"), "user")
+    predicted = model_annotation(free_text("a predicted caption", "65f1c0a9e1b2c3d4e5f6a013"), "system")
+    # PromptItem.add without model_info writes metadata.user.model = None: still a human caption
+    unattributed = free_text("a round red shape", "65f1c0a9e1b2c3d4e5f6a014")
+    unattributed["metadata"]["user"]["model"] = None
+    prompt = prompt_item("65f1c0a9e1b2c3d4e5f60002", "/prompts/p1.json")
+    prompt["annotations"] = [reply, human, predicted, unattributed]
+    write_json(tmp_path / "train/items/prompts/p1.json", prompt_file(stream("65f1c0a9e1b2c3d4e5f6bb01")))
+    write_json(tmp_path / "train/json/prompts/p1.json", prompt)
+    write_png(tmp_path / "prompt_images/65f1c0a9e1b2c3d4e5f6bb01.png", 2)
+    # an image whose only class annotation is the zero-shot class a model just wrote
+    write_png(tmp_path / "train/items/cats/cat1.png", 1)
+    write_json(tmp_path / "train/json/cats/cat1.json",
+               image_item("65f1c0a9e1b2c3d4e5f60001", "/cats/cat1.png", description="a tabby cat",
+                          annotations=[zero_shot_class("dog")]))
+    pairs = load_pairs(tmp_path).pairs
+    assert sorted(p.caption for p in pairs) == ["a red circle", "a round red shape", "a tabby cat"]
+    cat = next(p for p in pairs if p.caption == "a tabby cat")
+    assert cat.label is None  # not the model's "dog"
+
+
 def test_prompt_image_found_through_an_exported_image_item_with_the_referenced_id(tmp_path):
     # The prompt points at item ...0001, which is exported (as an image item) in this same folder.
     write_png(tmp_path / "train/items/cats/cat1.png", 1)

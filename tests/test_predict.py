@@ -118,10 +118,17 @@ def test_configuration_labels_and_top_k_when_the_entity_has_none(platform, items
         assert confidences == sorted(confidences, reverse=True) and sum(confidences) <= 1.0 + 1e-6
 
 
-def test_predict_without_any_labels_says_where_to_put_them(platform, items):
+def test_predict_without_any_labels_gives_no_annotations_and_one_warning(platform, items, caplog):
+    """dtlpy's evaluate_model predicts before it evaluates: a model without labels (every model in
+    dataloop.json) must come through with nothing predicted, not a failed batch."""
     adapter = make_adapter(platform, {})
-    with pytest.raises(ClipAdapterFailure, match="'labels' configuration key"):
-        adapter.predict(items[:1])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
+        first, second = adapter.predict(items[:3]), adapter.predict(items[3:])
+    assert [len(c) for c in first + second] == [0] * len(items)
+    assert all(isinstance(c, dl.AnnotationCollection) for c in first + second)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "'labels' configuration key" in warned[0]
 
 
 # ---- the command line ------------------------------------------------------------------------------

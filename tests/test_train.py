@@ -535,28 +535,66 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def test_adapter_train_failure_leaves_the_best_weights_for_dtlpys_save_on_failure(pairs, tmp_path, platform):
-    """dtlpy's train_model saves and uploads the model even when train raises; that must be the
-    best epoch so far. min_delta=1.0: no epoch beats the start, so the best is the starting model.
-    (dtlpy's train_model itself, on the fake platform: tests/test_platform_contract.py.)"""
+def test_adapter_interrupted_train_saves_its_resume_state_and_the_next_train_continues(pairs, tmp_path, platform):
+    """dtlpy's train_model calls save_to_model (our `save`, then an upload of output_path) when train
+    raises too. That must keep the starting weights as the model's and carry the resume state, so a
+    new adapter loading those artifacts (the next train_model, on another pod) continues the run.
+    The whole flow through dtlpy on the fake platform: tests/test_platform_flows.py."""
     from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
     from dataloop_fakes import platform_model
 
     manifest = tmp_path / "pairs.jsonl"
     write_manifest(pairs, manifest)
-    adapter = ClipAdapter()
-    adapter.model_entity = platform_model(platform, {"model_name": "tiny", "device": "cpu", "batch_size": 8,
-                                                     "num_epochs": 3, "learning_rate": 1e-3, "min_delta": 1.0,
-                                                     "early_stop": False})
-    adapter.load(str(tmp_path / "artifacts"))
-    start = adapter.clip.fingerprint
+    configuration = {"model_name": "tiny", "device": "cpu", "batch_size": 8, "num_epochs": 3,
+                     "learning_rate": 1e-3, "early_stop": False, "num_workers": 0, "resume_upload_minutes": 0}
 
-    def fail(i_epoch, n_epoch):
-        assert adapter.clip.fingerprint != start  # training did move the weights in memory
-        raise RuntimeError("pod evicted")
+    def adapter_on(artifacts: Path) -> ClipAdapter:
+        adapter = ClipAdapter()
+        adapter.model_entity = platform_model(platform, configuration)
+        adapter.load(str(artifacts))
+        return adapter
+
+    whole = adapter_on(tmp_path / "no-artifacts")
+    whole.train(str(manifest), str(tmp_path / "whole"))
+    first = adapter_on(tmp_path / "no-artifacts")
+    start = first.clip.fingerprint
+
+    def evicted(i_epoch, n_epoch):
+        if i_epoch == 1:
+            raise RuntimeError("pod evicted")
 
     with pytest.raises(RuntimeError, match="pod evicted"):
-        adapter.train(str(manifest), str(tmp_path / "output"), on_epoch_end_callback=fail)
-    assert adapter.clip.fingerprint == start
+        first.train(str(manifest), str(tmp_path / "first"), on_epoch_end_callback=evicted)
+    first.save(str(tmp_path / "first"))
+    assert not (tmp_path / "first" / "model.safetensors").exists()  # the model keeps its starting weights
+    assert json.loads((tmp_path / "first" / "training" / "resume.json").read_text()) == {"resumable": True}
+
+    second = adapter_on(tmp_path / "first")  # what load_from_model downloads next time
+    assert second.clip.fingerprint == start
+    epochs = []
+    second.train(str(manifest), str(tmp_path / "second"), on_epoch_end_callback=lambda i, n: epochs.append(i))
+    assert epochs == [2]  # only the epoch the first run did not finish
+    assert second.clip.fingerprint == whole.clip.fingerprint
+    second.save(str(tmp_path / "second"))
+    assert json.loads((tmp_path / "second" / "training" / "resume.json").read_text()) == {"resumable": False}
     with pytest.raises(ClipAdapterFailure, match="no such manifest"):  # library errors become one line
-        adapter.train(str(tmp_path / "nowhere.jsonl"), str(tmp_path / "output2"))
+        second.train(str(tmp_path / "nowhere.jsonl"), str(tmp_path / "output2"))
+
+
+def test_adapter_starts_over_when_the_interrupted_run_had_other_data(pairs, tmp_path, platform, caplog):
+    from adapters.clip_adapter import ClipAdapter
+    from dataloop_fakes import platform_model
+
+    run(pairs, tmp_path / "artifacts" / "training", num_epochs=1)  # a resume state for other settings
+    (tmp_path / "artifacts" / "training" / "resume.json").write_text('{"resumable": true}')
+    write_manifest(pairs[:-2], tmp_path / "fewer.jsonl")
+    adapter = ClipAdapter()
+    adapter.model_entity = platform_model(platform, {"model_name": "tiny", "device": "cpu", "batch_size": 8,
+                                                     "num_epochs": 1, "num_workers": 0})
+    adapter.load(str(tmp_path / "artifacts"))
+    epochs = []
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
+        adapter.train(str(tmp_path / "fewer.jsonl"), str(tmp_path / "out"),
+                      on_epoch_end_callback=lambda i, n: epochs.append(i))
+    assert epochs == [0]
+    assert "not continuing the interrupted training" in caplog.text

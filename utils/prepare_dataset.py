@@ -135,10 +135,11 @@ def upload_prompt_item(dataset, plan: PromptItemPlan):
                                                           "value": plan.prompt["prompts"]["1"][0]["value"]}]})
     item = dataset.items.upload(prompt_item, remote_name=plan.name, remote_path=plan.remote_path, overwrite=True,
                                 item_metadata={"user": plan.metadata.get("user", {})})
-    prompt_item._item = item
-    # The assistant reply becomes a free-text annotation with metadata.system.promptId = "1".
-    prompt_item.add(message={"role": "assistant", "content": [{"mimetype": dl.PromptType.TEXT, "value": plan.caption}]},
-                    prompt_key="1")
+    # The assistant reply: a free-text annotation answering prompt "1" (what PromptItem.add stores for
+    # an assistant message, uploaded through the public annotations API).
+    caption = dl.Annotation.new(item=item, annotation_definition=dl.FreeText(text=plan.caption),
+                                metadata={"system": {"promptId": "1"}})
+    item.annotations.upload(annotations=[caption])
     if plan.subset:
         item.assign_subset(plan.subset)
     return item

@@ -1,8 +1,12 @@
 """The configuration users edit in Dataloop's Model Management UI, as one validated model.
 
 `ClipConfig.from_dict` is the only way in: it maps the earlier adapter's misspelt keys
-(`early_stopping`, `episilon`) to the real ones with a warning, rejects unknown keys with
-the closest valid name, and turns pydantic's errors into one readable `ConfigError`.
+(`early_stopping`, `episilon`) to the real ones with a warning, reads its `weights_filename`,
+and turns pydantic's errors into one readable `ConfigError`. An unknown key names the closest
+valid one; it is an error where the person who typed it is there to fix it (the CLI:
+`unknown_keys="error"`, the default), and only a warning on the platform
+(`unknown_keys="warn"`), where a key from a later platform release or another app must never
+stop a deployed model.
 The validated config is recorded in every checkpoint this project writes.
 """
 from __future__ import annotations
@@ -51,6 +55,9 @@ class ClipConfig(BaseModel):
     weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay (not applied to biases, norms, logit scale).")
 
     # --- platform bookkeeping ---------------------------------------------------------
+    weights_filename: Optional[str] = Field(None, min_length=1, description=(
+        "The earlier Dataloop CLIP adapter's weights file among the model's artifacts (it wrote 'best.pt'); "
+        "loaded when the artifacts hold no checkpoint of this project's format."))
     embeddings_size: Optional[int] = Field(None, ge=1, description="Written by the adapter from the loaded model.")
 
     # --- training extras --------------------------------------------------------------
@@ -65,6 +72,10 @@ class ClipConfig(BaseModel):
     wise_ft_alpha: Optional[Union[float, Literal["auto"]]] = Field(None, description=(
         "WiSE-FT: interpolate fine-tuned and starting weights (1.0 = fine-tuned only); 'auto' picks it on validation."))
     seed: int = Field(0, description="Seed for a reproducible run.")
+    resume_upload_minutes: float = Field(30.0, ge=0, description=(
+        "On the platform: at the end of an epoch, upload the training's resume state to the model's artifacts "
+        "when this many minutes have passed since the last upload, so a pod killed outright loses at most that "
+        "much training (0: only when training fails)."))
 
     # --- runtime ----------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'.")
@@ -116,14 +127,19 @@ class ClipConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, raw: Optional[dict[str, Any]] = None,
-                  warn: Callable[[str], None] = log.warning) -> "ClipConfig":
-        """Validate a configuration dict. Raises `ConfigError` naming every bad key."""
-        data = _resolve_aliases(dict(raw or {}), warn)
+                  warn: Callable[[str], None] = log.warning,
+                  unknown_keys: Literal["error", "warn"] = "error") -> "ClipConfig":
+        """Validate a configuration dict. Raises `ConfigError` naming every bad key; with
+        `unknown_keys="warn"` an unknown key is one warning (naming the closest key) and ignored."""
+        data = _resolve_aliases(dict(raw or {}), warn, strict=unknown_keys == "error")
         for key in PLATFORM_KEYS:
             data.pop(key, None)
         unknown = [key for key in data if key not in cls.model_fields]
-        if unknown:
+        if unknown and unknown_keys == "error":
             raise ConfigError(_unknown_keys_message(unknown, cls.valid_keys()))
+        for key in unknown:
+            warn(f"ignored {_unknown_keys_message([key], cls.valid_keys(), list_valid=False)}")
+            data.pop(key)
         try:
             return cls(**data)
         except ValidationError as exc:
@@ -138,26 +154,31 @@ class ClipConfig(BaseModel):
         return ClipConfig.from_dict({**self.to_dict(), **changes})
 
 
-def _resolve_aliases(data: dict[str, Any], warn: Callable[[str], None]) -> dict[str, Any]:
+def _resolve_aliases(data: dict[str, Any], warn: Callable[[str], None], strict: bool = True) -> dict[str, Any]:
     for old, new in LEGACY_ALIASES.items():
         if old not in data:
             continue
         value = data.pop(old)
         if new in data and data[new] != value:
-            raise ConfigError(f"both '{old}' ({value!r}) and '{new}' ({data[new]!r}) are set; "
-                              f"'{old}' is the earlier adapter's spelling, keep only '{new}'")
+            conflict = (f"both '{old}' ({value!r}) and '{new}' ({data[new]!r}) are set; "
+                        f"'{old}' is the earlier adapter's spelling, keep only '{new}'")
+            if strict:
+                raise ConfigError(conflict)
+            warn(f"{conflict}; using '{new}'")
+            continue
         data.setdefault(new, value)
         warn(f"configuration key '{old}' is deprecated; read as '{new}' (rename it in the model's configuration)")
     return data
 
 
-def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
+def _unknown_keys_message(unknown: list[str], valid: list[str], list_valid: bool = True) -> str:
     parts = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         parts.append(f"'{key}'{hint}")
-    return f"unknown configuration key {', '.join(parts)}; valid keys: {', '.join(valid)}"
+    message = f"unknown configuration key {', '.join(parts)}"
+    return f"{message}; valid keys: {', '.join(valid)}" if list_valid else message
 
 
 def _readable(exc: ValidationError) -> str:

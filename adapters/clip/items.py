@@ -1,7 +1,9 @@
 """Dataloop items as JSON: what an item is and what its JSON says.
 
-- for embedding: an image, a text, or a prompt item's text (`item_kind`, `decode_payload`);
-- in an export: its captions (`free-text` annotations, text in `coordinates`), description,
+- for embedding: an image, a text, or a prompt item (its text, or the image its prompt points to
+  when it has no text: `PromptImage`) (`item_kind`, `decode_payload`);
+- in an export: its captions (human `free-text` annotations, text in `coordinates`; a model's
+  annotations are never ground truth: `is_model_annotation`), description,
   class label and ML subset, and the image a prompt item references (`prompt_image_ref`);
 - built offline (prepare_dataset, demos, tests): a prompt item's file, a caption annotation,
   the stream URL one item uses to reference another.
@@ -25,6 +27,14 @@ DATALOOP_STREAM_URL = "https://gate.dataloop.ai/api/v1/items/{}/stream"
 
 _STREAM_ID = re.compile(r"/items/([0-9A-Za-z_-]+)/stream")
 _ITEM_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """A prompt item without text embeds as its prompt's image: another item, referenced by URL
+    (`.../items/<id>/stream`), which the platform side fetches."""
+
+    ref: str
 
 
 @dataclass
@@ -90,10 +100,14 @@ def decode_payload(kind: str, raw: bytes) -> tuple[Any, Optional[str]]:
         return (text, None) if text.strip() else (None, "empty text file")
     if kind == PROMPT:
         try:
-            texts = prompt_texts(json.loads(raw.decode("utf-8")))
+            prompt = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             return None, f"prompt item is not valid JSON ({exc})"
-        return (" ".join(texts), None) if texts else (None, "prompt item has no text prompt")
+        texts = prompt_texts(prompt)
+        if texts:
+            return " ".join(texts), None
+        ref = prompt_image_ref(prompt)
+        return (PromptImage(ref), None) if ref else (None, "prompt item has neither a text nor an image prompt")
     return None, "unsupported item type (CLIP embeds images, texts and prompt items)"
 
 
@@ -114,10 +128,28 @@ def is_image_item(item: dict) -> bool:
     return Path(str(item.get("filename", ""))).suffix.lower() in IMAGE_SUFFIXES
 
 
-def caption_annotations(item: dict) -> Iterator[dict]:
-    """The item's `free-text` annotations (Dataloop stores their text in `coordinates`)."""
+def human_annotations(item: dict) -> Iterator[dict]:
+    """The item's annotations that are ground truth: not written by a model.
+
+    dtlpy marks a model's output in `metadata.system.model` (predict_items: e.g. the zero-shot
+    classes evaluate_model has just written) or `metadata.user.model` (a model's reply on a
+    prompt item); `PromptItem.add` without model info leaves `user.model` None: a human's.
+    """
     for annotation in item.get("annotations") or []:
-        if isinstance(annotation, dict) and annotation.get("label") == CAPTION_LABEL:
+        if isinstance(annotation, dict) and not is_model_annotation(annotation):
+            yield annotation
+
+
+def is_model_annotation(annotation: dict) -> bool:
+    metadata = annotation.get("metadata") if isinstance(annotation.get("metadata"), dict) else {}
+    return any(isinstance(metadata.get(part), dict) and bool(metadata[part].get("model"))
+               for part in ("system", "user"))
+
+
+def caption_annotations(item: dict) -> Iterator[dict]:
+    """The item's human `free-text` annotations (Dataloop stores their text in `coordinates`)."""
+    for annotation in human_annotations(item):
+        if annotation.get("label") == CAPTION_LABEL:
             yield annotation
 
 
@@ -152,9 +184,9 @@ def item_description(item: dict) -> Optional[str]:
 
 
 def item_label(item: dict) -> Optional[str]:
-    """A class label for zero-shot accuracy: a 'class' annotation, else metadata.user.label."""
-    for annotation in item.get("annotations") or []:
-        if isinstance(annotation, dict) and annotation.get("type") == "class" and annotation.get("label"):
+    """A class label for zero-shot accuracy: a human 'class' annotation, else metadata.user.label."""
+    for annotation in human_annotations(item):
+        if annotation.get("type") == "class" and annotation.get("label"):
             return str(annotation["label"])
     user = (item.get("metadata") or {}).get("user") or {}
     label = user.get("label") if isinstance(user, dict) else None

@@ -555,16 +555,16 @@ def host_reachable(host: str, port: int = 443, timeout: float = NETWORK_PROBE_TI
 # --------------------------------------------------------------------------------------
 # The project's checkpoint format: a directory with safetensors weights and a JSON file
 # --------------------------------------------------------------------------------------
-def find_checkpoint(directory: str | Path) -> Optional[Path]:
-    """The checkpoint inside a model's artifact directory, if any (project format first)."""
+def find_checkpoint(directory: str | Path, weights_filename: Optional[str] = None) -> Optional[Path]:
+    """The checkpoint inside a model's artifact directory, if any: this project's format first,
+    then the earlier adapter's weights file (`weights_filename`, which it defaulted to best.pt)."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
     if (directory / CHECKPOINT_CONFIG).is_file():
         return directory
-    if (directory / LEGACY_CHECKPOINT).is_file():
-        return directory / LEGACY_CHECKPOINT
-    return None
+    legacy = directory / (weights_filename or LEGACY_CHECKPOINT)
+    return legacy if legacy.is_file() else None  # an untrained model of that adapter has none yet
 
 
 def save_checkpoint(clip: ClipModel, directory: str | Path, *, config: Optional[dict] = None,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, DataError
+from .files import write_json_atomic
 
 if TYPE_CHECKING:  # annotations only: loading a model's module would pull in torch
     from .models import ClipModel
@@ -30,8 +31,10 @@ BEST, LAST, WISE_FT = "best", "last", "wise_ft"
 TRAINER_STATE = "trainer.pt"   # optimizer, scaler, torch RNG: tensors, loaded with weights_only=True
 RUN_STATE = "state.json"       # epoch, step, history, early stopping, python/numpy RNG
 METRICS_LOG = "metrics.jsonl"
+RESUME_MANIFEST = "resume.json"  # in a copy of the folder: whether its last/ is a run to continue
 # Keys that may differ when resuming: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k"})
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k",
+                               "resume_upload_minutes"})
 
 
 # ---- what fit() records and returns ---------------------------------------------------------
@@ -121,6 +124,33 @@ def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
                         saved.get("data"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot read the run's state ({exc})") from None
+
+
+# ---- a run folder carried elsewhere (the platform keeps it with a model's artifacts) ------------
+def mark_resumable(run_dir: str | Path, resumable: bool) -> None:
+    """Record whether the run in `run_dir` is one to continue (it went down) or done with (it finished).
+    A copy of the folder that is only ever added to (a model's artifacts) keeps an old run's last/."""
+    write_json_atomic(Path(run_dir) / RESUME_MANIFEST, {"resumable": bool(resumable)})
+
+
+def is_marked_resumable(run_dir: str | Path) -> bool:
+    try:
+        return json.loads((Path(run_dir) / RESUME_MANIFEST).read_text(encoding="utf-8"))["resumable"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def adopt_run(saved: str | Path, run_dir: str | Path) -> Optional[SavedRun]:
+    """Copy what resuming reads (last/, best/, the metrics log) from `saved` into `run_dir`."""
+    import shutil
+
+    saved, run_dir = Path(saved), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (LAST, BEST):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        shutil.copytree(saved / name, run_dir / name)
+    shutil.copy2(saved / METRICS_LOG, run_dir / METRICS_LOG)
+    return read_saved_run(run_dir)
 
 
 def resumed_config(saved: SavedRun, overrides: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:

@@ -713,6 +713,23 @@ def restore_last(directory: Path, fresh: RunState, task: ContrastiveTask, optimi
     return fresh
 
 
+def resume_problem(run_dir: Union[str, Path], config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]],
+                   clip: ClipModel) -> Optional[str]:
+    """Why `fit(config, data, run_dir, clip=clip, resume=True)` could not continue the run saved in
+    `run_dir`, or None when it can: the same configuration, data and starting weights."""
+    try:
+        saved = json.loads((Path(run_dir) / LAST / RUN_STATE).read_text(encoding="utf-8"))
+        train_pairs, val_pairs, _ = split_pairs(data)
+        fresh = RunState(config=config.to_dict(), data_fingerprint=pairs_fingerprint(train_pairs, val_pairs),
+                         start_fingerprint=clip.fingerprint)
+        check_resumable(saved, fresh, Path(run_dir) / LAST)
+    except (ConfigError, DataError, CheckpointError) as exc:  # before ValueError: ConfigError is one
+        return str(exc)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"its resume state is unreadable ({exc})"
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -40,6 +40,30 @@ class Reply:
             self.data, self.content_type = json.dumps(body).encode(), "application/json"
 
 
+def deep_merge(target: dict, change: dict) -> None:
+    """Apply a partial document (what dtlpy's `item.update()` sends) onto `target`, key by key."""
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def dataloop_shebang(path: str, data: bytes) -> Optional[dict]:
+    """The gate reads a JSON file's `"shebang": "dataloop"` (a prompt item: `metadata.dltype` 'prompt')
+    into the item's `metadata.system.shebang`."""
+    if not path.lower().endswith(".json"):
+        return None
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or document.get("shebang") != "dataloop":
+        return None
+    dltype = (document.get("metadata") or {}).get("dltype")
+    return {"dltype": dltype} if dltype else None
+
+
 def error(status: int, message: str) -> Reply:
     return Reply({"status": status, "message": message, "error": message}, status=status)
 
@@ -152,6 +176,16 @@ class FakeGate:
             return Reply(dql.run([d for d in self.state.datasets.values()
                                   if not project_ids or set(project_ids) & set(d["projects"])], query))
 
+    @route("POST", "/datasets")
+    def create_dataset(self, request: Request) -> Reply:
+        """`project.datasets.create(dataset_name=...)`: {name, projects, createDefaultRecipe}."""
+        payload = request.json() or {}
+        with self.state.lock:
+            if any(d["name"] == payload["name"] and set(d["projects"]) & set(payload["projects"])
+                   for d in self.state.datasets.values()):
+                return error(400, f"dataset {payload['name']!r} already exists")
+            return Reply(self.state.add_dataset(payload["projects"][0], payload["name"]))
+
     @route("GET", "/datasets")
     def list_datasets(self, request: Request) -> Reply:
         project_ids = request.query.get("projects", [])
@@ -206,7 +240,7 @@ class FakeGate:
             mimetype = system.get("mimetype")
             item = self.state.add_item(dataset_id, path, data, mimetype=mimetype, metadata=metadata,
                                        description=form.get("description"),
-                                       shebang=system.pop("shebang", None))
+                                       shebang=system.pop("shebang", None) or dataloop_shebang(path, data))
             item["metadata"]["system"].update(system)
             return Reply(self.state.item_document(item["id"]))
 
@@ -284,7 +318,9 @@ class FakeGate:
         with self.state.lock:
             item = self.state.items[request.match[1]]
             change = request.json() or {}
-            for key in ("metadata", "description", "name", "filename", "dir"):
+            if "metadata" in change:  # dtlpy sends a diff (DictDiffer): the gate merges it in
+                deep_merge(item["metadata"], change["metadata"])
+            for key in ("description", "name", "filename", "dir"):
                 if key in change:
                     item[key] = copy.deepcopy(change[key])
             return Reply(self.state.item_document(item["id"]))
