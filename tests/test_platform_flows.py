@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.clip.embed import Embedder
 from adapters.clip.models import load_model
 from adapters.clip_adapter import ClipAdapter
 from conftest import pattern_image
