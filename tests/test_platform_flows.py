@@ -99,20 +99,6 @@ def uninterrupted_weights(platform, project, dataset, tmp_path) -> bytes:
     return _UNINTERRUPTED["weights"]
 
 
-def train_failed_model_again(model: dl.Model) -> None:
-    """train_model on a model in 'failed' status. dtlpy 1.126 trains it ("New training will attempt to
-    resume from previous checkpoints"); older dtlpy (1.111, our minimum) refuses, and the user sets the
-    status back first, as the README says."""
-    try:
-        ClipAdapter().train_model(model)
-    except ValueError as exc:
-        if "failed state" not in str(exc):
-            raise
-        model.status = "created"
-        model.update()
-        ClipAdapter().train_model(model)
-
-
 @pytest.mark.parametrize("death", ["exception", "killed outright"])
 def test_train_model_that_died_mid_training_is_resumed_by_the_next_train_model(platform, project, tmp_path, death):
     """exception: dtlpy's train_model uploads output_path (our `save`) when train raises; killed outright
@@ -136,7 +122,7 @@ def test_train_model_that_died_mid_training_is_resumed_by_the_next_train_model(p
     platform.models[model.id]["status"] = "failed"  # what the platform does with a failed execution
 
     new_pod(model, tmp_path, "pod-2")
-    train_failed_model_again(dl.models.get(model_id=model.id))
+    ClipAdapter().train_model(dl.models.get(model_id=model.id))  # dtlpy: "will attempt to resume"
     assert platform.models[model.id]["status"] == "trained"
     assert [x for x, _ in platform.metric_points(model.id, "loss", "train")] == [1, 2, 3]
     files = platform.artifact_files(model.id)
