@@ -27,6 +27,7 @@ from adapters.clip.errors import ClipAdapterError  # noqa: E402
 from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
                                  item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
+from adapters.clip.onnx_export import attach_engine  # noqa: E402
 from adapters.clip.runs import adopt_run, is_marked_resumable, mark_resumable, read_saved_run  # noqa: E402
 
 # Keys dtlpy itself keeps in a model's configuration; ours are validated by ClipConfig.
@@ -108,13 +109,15 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._artifacts_dir, self._interrupted = (Path(local_path) if local_path else None), False
         checkpoint = find_checkpoint(local_path, settings.weights_filename) if local_path else None
         source = str(checkpoint) if checkpoint else settings.model_name
-        self.clip = load_model(source, device=settings.device, precision=settings.precision,
-                               arch=settings.model_name if checkpoint else None)
+        self.clip = attach_engine(load_model(source, device=settings.device, precision=settings.precision,
+                                             arch=settings.model_name if checkpoint else None), settings.engine)
         self.clip.warmup()
         self.embedder = Embedder(self.clip, batch_size=settings.batch_size, num_workers=settings.num_workers)
         self.model = self.clip.model
         self._record_embeddings_size(self.clip.dim)
         self.logger.info(f"loaded {self.clip.description}")
+        if self.clip.engine is not None and self.clip.engine.note:
+            self.logger.info(f"engine {self.clip.engine.note}")
 
     @user_errors
     def save(self, local_path: str, **kwargs) -> None:

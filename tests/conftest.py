@@ -9,6 +9,8 @@ from pathlib import Path
 
 _DATALOOP_HOME = tempfile.mkdtemp(prefix="dataloop-test-")
 os.environ["DATALOOP_PATH"] = _DATALOOP_HOME
+# Exported engines go to a temp cache too (never the developer's ~/.cache); tests may point elsewhere.
+os.environ["CLIP_ADAPTER_ENGINES"] = tempfile.mkdtemp(prefix="clip-engines-test-")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

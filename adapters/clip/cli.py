@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
+from .engines import ENGINES
 from .errors import ClipAdapterError, WeightsUnavailableError
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
@@ -61,6 +62,13 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = "ViT-B/32"
     parser.add_argument("--model", default=default,
                         help=f"model name, 'ARCH:PRETRAINED' or checkpoint path (default {default})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    add_engine_option(parser)
+
+
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="inference engine: auto (measured on this CPU at first use, cached), torch, "
+                             "onnxruntime[-int8], openvino[-bf16] (default auto; GPUs use torch)")
 
 
 def positive_int(text: str) -> int:
@@ -88,6 +96,7 @@ def add_models(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .engines import cached_choices, describe_choice
     from .models import list_known_models
     rows = list_known_models(include_all=args.all)
     if args.json:
@@ -97,6 +106,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         weights = "random (test model)" if row.name == "tiny" else "cached" if row.cached else "download"
         print(f"{row.name:42} {row.arch:26} {row.dim:5d} {row.image_size:5d}  {weights}")
+    choices = cached_choices()
+    if choices:
+        print("\nengine 'auto' chose, on this CPU (measured at first load, cached):")
+        for choice in choices:
+            print(f"  {choice['model']} [{choice['fingerprint'][:12]}]: {describe_choice(choice)}")
     return EXIT_OK
 
 
@@ -138,13 +152,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .embed import Embedder
+    from .onnx_export import attach_engine
     from .models import load_model
 
     if not args.paths and not args.text:
         raise UsageError("nothing to embed: give image paths or folders, or --text")
     images = expand_paths(args.paths)
-    embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size,
-                        num_workers=args.workers)
+    clip = attach_engine(load_model(args.model, device=args.device), args.engine)
+    embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     rows, parts = [], []
     with progress_bar(len(images) + len(args.text), "embedding") as bar:
         for kind, ids, stream in (("image", images, embedder.iter_images(images)),
@@ -249,6 +264,7 @@ def add_index(sub) -> None:
     p.add_argument("--model", default=None,
                    help="model name or checkpoint (default: the store's model; ViT-B/32 for a new store)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    add_engine_option(p)
     p.add_argument("--reindex", action="store_true",
                    help="re-embed every stored item with --model, beside the old vectors; swapped in when complete")
     p.add_argument("--subset", help="set this subset on the files indexed (e.g. train)")
@@ -264,6 +280,7 @@ def add_index(sub) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from .embed import Embedder
+    from .onnx_export import attach_engine
     from .models import DEFAULT_MODEL, load_model
     from .indexing import IndexOptions, index, reindex
 
@@ -276,7 +293,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
                            batch_size=args.batch_size, ann=args.ann)
-    embedder = Embedder(load_model(model, device=args.device), batch_size=args.batch_size, num_workers=args.workers)
+    clip = attach_engine(load_model(model, device=args.device), args.engine)
+    embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     summary = (reindex if args.reindex else index)(root, embedder, paths, options)
     for path, reason in summary.failures[:MAX_LISTED_FAILURES]:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -350,6 +368,7 @@ def add_search(sub) -> None:
     _add_store_option(p)
     p.add_argument("--model", default=None, help="default: the store's model (another model is an error)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    add_engine_option(p)
     p.add_argument("--subset", action="append", default=[], help="only items of this subset (repeatable)")
     p.add_argument("--where", action="append", default=[], metavar="COND",
                    help="metadata condition KEY=VALUE, KEY!=V, KEY>N, KEY<=N, KEY~GLOB (repeatable, all must hold)")
@@ -364,10 +383,8 @@ def add_search(sub) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .embed import Embedder
-    from .models import load_model
     from .search import Filters, Searcher, Term, parse_query, query_vector
-    from .store import ModelBinding, Store
+    from .store import Store
 
     if not args.query and not args.image:
         raise UsageError("nothing to search for: give a query text and/or --image PATH")
@@ -376,9 +393,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     with Store.open(_store_root(args)) as store:
         terms = parse_query(args.query) if args.query else []
         terms += [Term(1.0, "image", path) for path in args.image]
-        clip = load_model(args.model or store.binding.name, device=args.device)
-        store.check_model(ModelBinding.of(clip))
-        query = query_vector(terms, Embedder(clip, num_workers=0))
+        query = query_vector(terms, _query_embedder(store, terms, args))
         filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
         result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
         total = store.count()
@@ -413,6 +428,24 @@ def _hit_caption(hit: "Hit", name: str) -> str:
     return "\n".join(filter(None, [first, name, str(hit.metadata.get("camera", ""))]))
 
 
+def _query_embedder(store, terms: list, args: argparse.Namespace):
+    """The store's exported text tower when it answers the query (no torch import: a cold search
+    takes about a second), else the full model, checked against the store's."""
+    from .embed import Embedder
+    binding = store.binding
+    text_only = all(term.kind == "text" for term in terms)
+    if text_only and args.model in (None, binding.name) and args.device in ("auto", "cpu") and args.engine != "torch":
+        from .engines import open_exported_text_model
+        exported = open_exported_text_model(binding.name, binding.fingerprint, args.engine)
+        if exported is not None:
+            return Embedder(exported, num_workers=0)
+    from .models import load_model
+    from .store import ModelBinding
+    clip = load_model(args.model or binding.name, device=args.device)
+    store.check_model(ModelBinding.of(clip))
+    return Embedder(clip, num_workers=0)
+
+
 def add_classify(sub) -> None:
     p = sub.add_parser("classify", help="zero-shot: which of --labels each image shows")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
@@ -430,6 +463,7 @@ def add_classify(sub) -> None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from .classify import DEFAULT_TEMPLATES, ZeroShotClassifier
     from .embed import Embedder
+    from .onnx_export import attach_engine
     from .models import load_model
 
     if args.top_k < 1:
@@ -437,7 +471,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     images = expand_paths(args.images)
     if not images:
         raise UsageError("no images found in the given folders")
-    embedder = Embedder(load_model(args.model, device=args.device), batch_size=args.batch_size)
+    embedder = Embedder(attach_engine(load_model(args.model, device=args.device), args.engine),
+                        batch_size=args.batch_size)
     classifier = ZeroShotClassifier(embedder, args.labels, args.template or DEFAULT_TEMPLATES)
     results = classifier.classify(images, top_k=args.top_k)
     rows = [{"path": str(path), "labels": [{"label": s.label, "score": round(s.score, 6)} for s in r.labels],
@@ -533,6 +568,7 @@ def add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="a manifest (.jsonl/.csv) or a Dataloop export folder")
     p.add_argument("--subset", default="validation", help="subset to evaluate, or 'all' (default validation)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    add_engine_option(p)
     add_embedding_options(p)
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="zero-shot prompt template with '{}' (repeatable; default: the config's prompt_templates)")
@@ -545,6 +581,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ClipConfig
     from .manifests import load_pairs
     from .evaluate import EvalData, evaluate_pairs
+    from .onnx_export import attach_engine
     from .models import load_model
 
     if not args.models:
@@ -565,7 +602,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     for position, name in enumerate(models):
         failed: list = []
-        clip = load_model(name, device=args.device)
+        clip = attach_engine(load_model(name, device=args.device), args.engine)
         column = name if name not in results else f"{name} #{position + 1}"
         results[column] = evaluate_pairs(clip, data, batch_size=args.batch_size, templates=templates,
                                        num_workers=args.workers, on_problem=failed.append, show_progress=True)

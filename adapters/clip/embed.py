@@ -13,15 +13,19 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-from .models import ClipModel
+
+if TYPE_CHECKING:  # torch loads with the model, not with this module: a cold text search never needs it
+    import torch
+
+    from .engines import ExportedTextModel
+    from .models import ClipModel
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +83,10 @@ class Prepared:
 
 
 class Embedder:
-    """Embeds texts and images with one `ClipModel`."""
+    """Embeds texts and images with one `ClipModel` (or, texts only, an `ExportedTextModel`)."""
 
-    def __init__(self, clip: ClipModel, *, batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, clip: "ClipModel | ExportedTextModel", *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 num_workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.clip = clip
@@ -178,6 +182,7 @@ class Embedder:
         errors = {i: p.error for i, p in enumerate(chunk) if p.error is not None}
         good = [i for i, p in enumerate(chunk) if p.error is None]
         if good:
+            import torch
             pixels = torch.stack([chunk[i].tensor for i in good])  # (B, 3, H, W)
             vectors[good] = self.clip.encode_images(pixels)
         return Embeddings(vectors, errors, offset)
@@ -209,6 +214,8 @@ def numpy_preprocess(preprocess: Callable) -> Callable[[Image.Image], torch.Tens
     pil_steps, normalize = steps[:-2], steps[-1]
     mean = np.asarray(normalize.mean, dtype=np.float32)
     std = np.asarray(normalize.std, dtype=np.float32)
+
+    import torch
 
     def to_pixels(image: Image.Image) -> torch.Tensor:
         for step in pil_steps:

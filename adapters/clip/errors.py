@@ -55,3 +55,7 @@ class StoreError(ClipAdapterError):
 
 class ModelMismatchError(StoreError):
     """A store or checkpoint was made with another model than the one in use."""
+
+
+class EngineError(ClipAdapterError):
+    """An inference engine (ONNX Runtime, OpenVINO) or its export is unavailable or failed."""

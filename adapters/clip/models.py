@@ -141,6 +141,7 @@ class ClipModel:
     precision: str
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     extra_info: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata, if any
+    engine: Optional[Any] = None  # an exported `engines.Engine` for inference; None: eager torch
 
     @property
     def image_size(self) -> int:
@@ -157,14 +158,23 @@ class ClipModel:
         return fingerprint_state(self.arch, self.model.state_dict())
 
     def forget_fingerprint(self) -> None:
-        """Call after changing the weights in place (training does)."""
+        """Call after changing the weights in place (training does): an export of the old weights goes too."""
         self.__dict__.pop("fingerprint", None)
+        self.use_torch()
+
+    def use_torch(self) -> None:
+        """Drop the exported engine: inference runs on the torch model again (training does this)."""
+        self.engine = None
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name if self.engine is not None else "torch"
 
     @property
     def description(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (f"{self.name}: open_clip {self.arch}, weights {self.source}, {self.dim}-d, "
-                f"{params:.1f}M parameters, {self.device.type} {self.precision}")
+                f"{params:.1f}M parameters, {self.device.type} {self.precision}, engine {self.engine_name}")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = _AUTOCAST_DTYPES.get(self.precision)
@@ -172,17 +182,27 @@ class ClipModel:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def encode_images(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) preprocessed pixels -> (B, D) L2-normalised float32, on the engine if there is one."""
+        if self.engine is not None:
+            return self.engine.encode_images(_as_numpy(pixels))
+        return self.torch_encode_images(torch.as_tensor(pixels))
+
+    def encode_tokens(self, tokens: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B, L) token ids -> (B, D) L2-normalised float32, on the engine if there is one."""
+        if self.engine is not None:
+            return self.engine.encode_tokens(_as_numpy(tokens))
+        return self.torch_encode_tokens(torch.as_tensor(tokens))
+
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) preprocessed pixels -> (B, D) L2-normalised float32."""
+    def torch_encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         self.model.eval()
         with self.autocast():
             features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
-    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
-        """(B, L) token ids -> (B, D) L2-normalised float32."""
+    def torch_encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         self.model.eval()
         with self.autocast():
             features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
@@ -193,6 +213,10 @@ class ClipModel:
         pixels = torch.zeros(1, 3, self.image_size, self.image_size)
         self.encode_images(pixels)
         self.encode_tokens(self.tokenizer(["warm up"]))
+
+
+def _as_numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def fingerprint_state(arch: str, state: dict[str, torch.Tensor]) -> str:
@@ -324,7 +348,10 @@ def _arch_or_none(arch: Optional[str]) -> Optional[str]:
 # --------------------------------------------------------------------------------------
 def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", precision: str = "auto",
                arch: Optional[str] = None, cache_dir: Optional[str] = None) -> ClipModel:
-    """Load a CLIP by name or path (see the module docstring). Raises `ModelLoadError`."""
+    """Load a CLIP by name or path (see the module docstring). Raises `ModelLoadError`.
+
+    It runs on torch; `onnx_export.attach_engine(clip, engine)` moves its inference to an exported engine.
+    """
     spec = parse_model_spec(name, arch)
     torch_device = resolve_device(device)
     if spec.kind == "project":

@@ -78,6 +78,7 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     seed_everything(config.seed)
     clip = clip if clip is not None else load_model(config.model_name, device=config.device,
                                                     precision=config.precision)
+    clip.use_torch()  # an exported engine would go stale with the first step; validation too stays comparable
     task = ContrastiveTask(clip, freeze=config.freeze, grad_cache_chunk=config.grad_cache_chunk)
     optimizer = build_optimizer(task, config)
     scaler = torch.amp.GradScaler(clip.device.type, enabled=clip.precision == "fp16")
