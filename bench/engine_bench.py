@@ -164,7 +164,7 @@ def cold_search(model: str, dim: int, items: int, rounds: int, env: dict, work: 
         walls["cold (exported text tower)"].append(cli(["search", "a dog on a beach", "--store", str(store_dir)], env))
         walls["torch (--engine torch)"].append(
             cli(["search", "a dog on a beach", "--store", str(store_dir), "--engine", "torch"], env))
-    probe = ("import sys, runpy; sys.argv = ['adapters.clip', 'search', 'a dog', '--store', %r];"
+    probe = ("import sys; sys.argv = ['adapters.clip', 'search', 'a dog', '--store', %r];"
              "import adapters.clip.cli as c; c.main(sys.argv[1:]); print('torch' in sys.modules)") % str(store_dir)
     imported = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
     return {"walls": walls, "torch_imported": imported.stdout.strip().splitlines()[-1:]}
