@@ -23,7 +23,7 @@ if _REPO_ROOT not in sys.path:
 
 from adapters.clip.config import ClipConfig  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
-from adapters.clip.errors import ClipAdapterError  # noqa: E402
+from adapters.clip.errors import ClipAdapterError, describe_os_error  # noqa: E402
 from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
                                  item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
@@ -55,6 +55,8 @@ def user_errors(hook: F) -> F:
             return hook(*args, **kwargs)
         except ClipAdapterError as exc:
             raise ClipAdapterFailure(f"CLIP adapter: {exc}") from None
+        except OSError as exc:  # a full disk, an unwritable path: the user's to fix, in one line
+            raise ClipAdapterFailure(f"CLIP adapter: {describe_os_error(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -10,12 +10,13 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from .engines import ENGINES
-from .errors import ClipAdapterError, WeightsUnavailableError
+from .errors import DISK_FULL_HINT, ClipAdapterError, WeightsUnavailableError, describe_os_error
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .progress import progress_bar
@@ -44,13 +45,6 @@ def expand_paths(paths: Iterable[str], suffixes: frozenset[str] = IMAGE_SUFFIXES
         else:
             found.append(path)  # a missing file is reported per item, not fatal
     return found
-
-
-def os_error_message(exc: OSError) -> str:
-    """'PATH: reason' ('File exists', 'Permission denied', ...) for an OSError about a path."""
-    if exc.filename is None:
-        return str(exc.strerror or exc)
-    return f"{exc.filename}: {exc.strerror or exc}"
 
 
 def print_json(data: object) -> None:
@@ -274,6 +268,9 @@ def add_index(sub) -> None:
     add_embedding_options(p)
     p.add_argument("--ann", choices=("auto", "build", "off"), default="auto",
                    help="ANN index: auto (for stores of 100k+ items), build (now, any size), off")
+    p.add_argument("--allow-empty-root", action="store_true",
+                   help="a folder given that has no images left really lost them: remove its items (without this, "
+                        "an empty folder removes nothing: it may be an unmounted drive)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_index)
 
@@ -292,7 +289,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     model = args.model or _stored_model(root) or DEFAULT_MODEL
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
-                           batch_size=args.batch_size, ann=args.ann)
+                           batch_size=args.batch_size, ann=args.ann, allow_empty_root=args.allow_empty_root)
     clip = attach_engine(load_model(model, device=args.device), args.engine)
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     summary = (reindex if args.reindex else index)(root, embedder, paths, options)
@@ -327,7 +324,7 @@ def _stored_model(root: Path) -> Optional[str]:
     from .store import CURRENT, Store
     if not (root / CURRENT).is_file():
         return None
-    with Store.open(root) as store:
+    with Store.open(root, readonly=True) as store:
         return store.binding.name
 
 
@@ -384,19 +381,22 @@ def add_search(sub) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import Filters, Searcher, Term, parse_query, query_vector
-    from .store import Store
+    from .store import Store, sqlite_errors
 
     if not args.query and not args.image:
         raise UsageError("nothing to search for: give a query text and/or --image PATH")
     if args.k < 1:
         raise UsageError("-k must be >= 1")
-    with Store.open(_store_root(args)) as store:
+    root = _store_root(args)
+    with sqlite_errors(root), Store.open(root, readonly=True) as store:
         terms = parse_query(args.query) if args.query else []
         terms += [Term(1.0, "image", path) for path in args.image]
         query = query_vector(terms, _query_embedder(store, terms, args))
         filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
         result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
         total = store.count()
+        for warning in store.warnings + result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.sheet and result.hits:
         from .sheets import distinct_names, grid_sheet
         title = " + ".join(filter(None, [args.query] + [f"image:{p}" for p in args.image]))
@@ -496,7 +496,37 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-STORE_COMMANDS: list[Callable] = [add_index, add_search, add_classify]
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="prove a store's vectors match its database; --repair fixes what it can")
+    _add_store_option(p)
+    p.add_argument("--repair", action="store_true",
+                   help="rewrite what is derived (CURRENT, the matrix files, the ANN index) from the database")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .integrity import check_store
+    report = check_store(_store_root(args), repair=args.repair)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        for fixed in report.repaired:
+            print(f"repaired: {fixed}")
+        for note in report.notes:
+            print(f"note: {note}")
+        if not report.problems:
+            print(f"ok: {report.store}, {report.items} items; the matrix matches the database")
+        elif not report.unrepaired:
+            print(f"repaired: {report.store} is consistent again")
+        elif not args.repair:
+            print(f"damaged: rerun with --repair (python -m adapters.clip check --store {report.store} --repair)")
+    return EXIT_OK if not report.unrepaired else EXIT_ERROR
+
+
+STORE_COMMANDS: list[Callable] = [add_index, add_search, add_classify, add_check]
 
 
 # ---- data & evaluation (prepare, convert, eval) ----------------------------------------------
@@ -672,18 +702,20 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .manifests import load_pairs
     from .reports import REPORT_MD, headline
-    from .runs import read_saved_run
+    from .files import recover_directory
+    from .runs import LAST, read_saved_run
     from .train import fit
 
     out = Path(args.out)
+    for done in recover_directory(out / LAST):  # a save killed midway: finish it before reading the run
+        print(done, file=sys.stderr)
     saved = read_saved_run(out)
     if saved is not None and not args.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if args.resume:
         if saved is None:
             raise UsageError(f"nothing to resume: {out} holds no training run (drop --resume to start one)")
-        config, data = _resume_settings(saved, args)
-        print(saved.describe(), file=sys.stderr)
+        config, data = _resume_settings(saved, args)  # fit() says what it resumes, once it has read the checkpoint
     else:
         if not args.data:
             raise UsageError("--data is required (a manifest or a Dataloop export folder)")
@@ -730,7 +762,6 @@ REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TR
 
 
 # ---- entry point -------------------------------------------------------------------------
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapters.clip",
                                      description="CLIP embeddings, search and fine-tuning, locally.")
@@ -755,7 +786,9 @@ def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return command()
+        code = command()
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is then handled below
+        return code
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -765,8 +798,16 @@ def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False)
     except ClipAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as exc:  # a path the user gave cannot be read or written: one line, not a traceback
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+    except BrokenPipeError:
+        # `search --json | head`: the reader left; there is no one to tell, and Python must not try again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except sqlite3.Error as exc:
+        print(f"error: store database: {exc}" + (f"; {DISK_FULL_HINT}" if "full" in str(exc) else ""),
+              file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

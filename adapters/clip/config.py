@@ -41,7 +41,9 @@ Engine = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino",
 class ClipConfig(BaseModel):
     """Every key the adapter reads, with the documented defaults."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: every number here is meaningless at infinity or NaN (`epsilon=Infinity`
+    # trained silently while learning nothing; `weight_decay=Infinity` diverged to NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     # --- the seed's documented keys -------------------------------------------------
     model_name: str = Field(DEFAULT_MODEL, min_length=1, description=(

@@ -5,6 +5,8 @@ them into one-line messages. Each message says what failed and what to do.
 """
 from __future__ import annotations
 
+import errno
+
 
 class ClipAdapterError(Exception):
     """Base class: every error this library raises on purpose."""
@@ -59,3 +61,19 @@ class ModelMismatchError(StoreError):
 
 class EngineError(ClipAdapterError):
     """An inference engine (ONNX Runtime, OpenVINO) or its export is unavailable or failed."""
+
+
+class TrainingDivergedError(ClipAdapterError):
+    """The loss or the weights became NaN or infinite; the best checkpoint so far is kept."""
+
+
+DISK_FULL_HINT = "free some space and rerun: what was committed before is kept"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`/proc/x.npy: No such file or directory`, plus what to do when the disk is full (for the edges)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    line = f"{where}{exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        line += f"; {DISK_FULL_HINT}"
+    return line

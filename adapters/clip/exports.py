@@ -17,6 +17,7 @@ prompt; how that is found on disk is prompt_images.py's job.
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import shutil
 from collections import defaultdict
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from .errors import DataError
-from .files import JsonError, read_json, write_json_atomic
+from .files import JsonError, read_json, within, write_json_atomic
 from .items import (annotation_prompt_id, annotation_text, caption_annotation_json, caption_annotations,
                     is_image_item, is_prompt_item, item_description, item_label, item_label_for_source,
                     item_subset_tags, prompt_image_ref, prompt_item_json, ref_item_id, stream_url)
@@ -97,10 +98,23 @@ def _iter_export_records(subset_dir: Path, subset: Optional[str], resolver: Prom
                 yield _Record(None, subset, where, None, "not an exported Dataloop item (no 'filename')")
                 continue
             where = f"{where} {item_label_for_source(item)}"
+            if _escapes_export(item):
+                yield _Record(None, subset, where, None, f"its filename {str(item.get('filename'))[:80]!r} leads outside "
+                                                         f"the export; skipped (an export's files stay inside it)")
+                continue
             item_file = _downloaded_file(subset_dir, item)
             if item_file is not None and is_image_item(item) and not is_prompt_item(item):
                 resolver.remember(item.get("id"), item_file)
             yield _Record(item, subset, where, item_file)
+
+
+def _escapes_export(item: dict) -> bool:
+    """A filename or name whose `..` parts climb above the folder it is read from."""
+    for key in ("filename", "name"):
+        value = item.get(key)
+        if isinstance(value, str) and within(Path("/export") / value.lstrip("/"), Path("/export")) is None:
+            return True
+    return False
 
 
 def _downloaded_file(subset_dir: Path, item: dict) -> Optional[Path]:
@@ -223,6 +237,12 @@ def fake_item_id(key: str) -> str:
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
+def _folder_name(label: Optional[str]) -> str:
+    """A label as one folder name: a label from a manifest (`../../x`) never makes a path leave the export."""
+    name = re.sub(r"[\\/\x00]", "_", label or "").strip()
+    return "images" if name.strip(".") == "" else name
+
+
 def write_export(pairs: Iterable[CaptionPair], root: str | Path, *, layout: str = "dtlpy") -> Path:
     """Write pairs as a Dataloop export of prompt items that `read_export` reads back.
 
@@ -244,7 +264,7 @@ def write_export(pairs: Iterable[CaptionPair], root: str | Path, *, layout: str 
     for (subset, image), group in grouped.items():
         image_id = fake_item_id(f"image:{image.resolve()}")
         label = group[0].label
-        folder = label or "images"
+        folder = _folder_name(label)
         stem = f"{image.stem}-{image_id[:6]}" if (subset, f"{folder}/{image.stem}") in used_names else image.stem
         used_names.add((subset, f"{folder}/{stem}"))
         filename = f"/{folder}/{stem}.json"

@@ -31,6 +31,8 @@ def content_hash(path: str | os.PathLike) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+from .faults import faultpoint
+
 
 def fsync_dir(path: str | Path) -> None:
     """Make a rename in `path` durable (no-op where directories cannot be opened)."""
@@ -90,13 +92,21 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 
 
 def swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp`. Between the two renames only the backup exists, briefly."""
+    """Replace `directory` by the complete `tmp`; `recover_directory` finishes a swap killed midway.
+
+    The complete new one is first renamed `.NAME.new-PID` (so a recovery knows it is whole), the
+    old one `.NAME.old-PID`, then the new one takes the name: between the renames only those exist.
+    """
     if not directory.exists():
         os.replace(tmp, directory)
     else:
+        ready = directory.with_name(f".{directory.name}.new-{os.getpid()}")
         backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(tmp, ready)
         os.replace(directory, backup)
-        os.replace(tmp, directory)
+        faultpoint("swap.old-moved-aside")
+        os.replace(ready, directory)
+        faultpoint("swap.new-in")
         shutil.rmtree(backup, ignore_errors=True)
     fsync_dir(directory.parent)
 
@@ -121,3 +131,44 @@ def open_csv(path: Path, what: str) -> IO[str]:
         return open(path, "r", encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def recover_directory(directory: str | Path) -> list[str]:
+    """Finish what a killed `atomic_directory` left beside `directory`, and remove its debris.
+
+    `directory` itself, when it exists, is whole (it only ever appears by a rename of a complete
+    one) and is kept. Missing, it is taken from the complete new copy if the kill came after that
+    was ready, else from the backup of the old one. Everything else is debris: half-built temp
+    folders, backups of replaced versions. Returns what it did, for the user.
+    """
+    directory = Path(directory)
+    parent, name = directory.parent, directory.name
+    if not parent.is_dir():
+        return []
+    ready = sorted(parent.glob(f".{name}.new-*"), key=lambda p: p.stat().st_mtime)
+    backups = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    done: list[str] = []
+    if not directory.exists() and (ready or backups):
+        source = (ready or backups)[-1]
+        os.replace(source, directory)
+        fsync_dir(parent)
+        done.append(f"{directory}: {'finished the save' if ready else 'restored the previous version'} that was "
+                    f"interrupted (from {source.name})")
+    debris = [p for p in (*parent.glob(f".{name}.new-*"), *parent.glob(f".{name}.old-*"),
+                          *parent.glob(f".{name}.tmp-*")) if p.is_dir()]
+    for folder in debris:
+        shutil.rmtree(folder, ignore_errors=True)
+    if debris:
+        done.append(f"{directory}: removed {len(debris)} leftover folder(s) of an interrupted save")
+    return done
+
+
+def within(path: str | Path, base: str | Path) -> Path | None:
+    """`path` made absolute and normalised (`..` resolved, symlinks not followed), if it lies in `base`.
+
+    Lexical on purpose: a user may link `items/` to another disk, but a name from an export
+    (`/../../../../etc/hostname`) never climbs out of the export it came with.
+    """
+    normal = Path(os.path.normpath(os.path.abspath(path)))
+    top = Path(os.path.normpath(os.path.abspath(base)))
+    return normal if normal == top or top in normal.parents else None

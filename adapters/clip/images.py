@@ -37,6 +37,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 
 # PIL's own bomb threshold (about 89 megapixels); anything larger is refused before decoding.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+# Long side : short side. CLIP preprocessing scales the short side to the model's input size, so an
+# 8000x1 strip (104 bytes of PNG) became a 1,792,000x224 intermediate: 2.4 GB. At 50:1 the
+# intermediate stays under 50 input squares (2.5 MP at 224 px); wide panoramas are about 10:1.
+MAX_ASPECT_RATIO = 50
 WHITE = (255, 255, 255)
 
 
@@ -117,6 +121,9 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InputError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
                          f"{max_pixels / 1e6:.0f} MP limit (decompression-bomb guard)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InputError(f"image is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}:1 (scaling its short "
+                         f"side to the model's input would make a huge image); crop it first")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

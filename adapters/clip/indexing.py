@@ -25,14 +25,18 @@ from .errors import InputError
 from .files import content_hash, write_text_atomic
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
+from .faults import faultpoint
+from .store import (CHUNK_ROWS, CURRENT, DB_FILE, REINDEX_PREFIX, FileStat, ItemRecord, ModelBinding, Store,
+                    Transaction, next_data_dir, remove_temp_files, settle_layout, sqlite_errors, typed_metadata,
+                    writer_lock)
 from .photos import photo_metadata
-from .store import (CHUNK_ROWS, CURRENT, DATA_PREFIX, DB_FILE, REINDEX_PREFIX, FileStat, ItemRecord,
-                    ModelBinding, Store, Transaction, writer_lock)
 
 if TYPE_CHECKING:
     from .embed import Embedder
 
 log = logging.getLogger(__name__)
+
+LIST_FAILED = "cannot list folder"
 
 
 # --------------------------------------------------------------------------------------
@@ -45,6 +49,11 @@ class Scope:
     folders: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     everything: bool = False
+    unreadable: list[str] = field(default_factory=list)  # sub-folders that could not be listed: none vanished
+
+    def hides(self, path: str) -> bool:
+        """Whether `path` lies in a folder this run could not list (its absence proves nothing)."""
+        return any(path.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.unreadable)
 
 
 def scan_files(paths: Iterable[str | os.PathLike], suffixes: frozenset[str] = IMAGE_SUFFIXES
@@ -81,7 +90,7 @@ def _require_existing(paths: Iterable[str | os.PathLike]) -> None:
 
 def _walk(folder: str, suffixes: frozenset[str], problems: list[tuple[str, str]]) -> Iterator[FileStat]:
     def report(error: OSError) -> None:
-        problems.append((error.filename or folder, f"cannot list folder: {error.strerror or error}"))
+        problems.append((error.filename or folder, f"{LIST_FAILED}: {error.strerror or error}"))
 
     for path in walk_images(folder, suffixes=suffixes, on_error=report):
         stat = _stat(path, problems)
@@ -120,6 +129,7 @@ class IndexOptions:
     show_progress: bool = True
     ann: str = "auto"                              # auto | build | off (see ann.refresh_ann)
     photo_metadata: bool = True                    # read taken/year/month/camera/size/GPS (photos.py)
+    allow_empty_root: bool = False                 # an indexed folder with no images left: remove its items
     on_batch: Optional[Callable[["IndexSummary"], None]] = None  # after each committed batch
 
 
@@ -168,13 +178,15 @@ def index(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str | o
     binding = ModelBinding.of(embedder.clip)
     root = Path(root).expanduser().absolute()
     _require_existing(paths)  # before the lock: a typo must not leave an empty store folder behind
-    with writer_lock(root):
+    with sqlite_errors(root), writer_lock(root):
         files, scope, problems = scan_files(paths)
-        _remove_stale_data_dirs(root)
+        notes = settle_layout(root)
         with Store.open(root, create=binding) as store:
             store.check_model(binding)
-            summary = IndexSummary(str(root), store.binding.name, scanned=len(files))
+            store.catch_up()
+            summary = IndexSummary(str(root), store.binding.name, scanned=len(files), notes=notes)
             _fail_problems(summary, problems)
+            _keep_items_of_empty_folders(store, scope, files, problems, options, summary)
             _update(store, embedder, files, scope, options, summary)
             store.remember_roots([*scope.folders, *scope.files])
             _finish(store, options, summary)
@@ -198,19 +210,24 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
     started = time.perf_counter()
     binding = ModelBinding.of(embedder.clip)
     root = Path(root).expanduser().absolute()
-    with writer_lock(root):
+    with sqlite_errors(root), writer_lock(root):
         extra, _, problems = scan_files(paths)
-        _remove_stale_data_dirs(root)
+        notes = settle_layout(root)
         with Store.open(root) as old:
+            old.catch_up()
             work = root / f"{REINDEX_PREFIX}{binding.fingerprint[:16]}"
             for stale in root.glob(REINDEX_PREFIX + "*"):
                 if stale != work:  # a stopped re-index for another model
                     shutil.rmtree(stale, ignore_errors=True)
-            new = (Store.open_data_dir(root, work) if (work / DB_FILE).is_file()
-                   else Store.create_data_dir(root, work, binding))
+            if (work / DB_FILE).is_file():  # a stopped re-index: carry on from what it committed
+                remove_temp_files(work)
+                new = Store.open_data_dir(root, work)
+            else:
+                new = Store.create_data_dir(root, work, binding)
             with new:
                 new.check_model(binding)
                 new.remember_roots(old.roots())
+                new.catch_up()
                 attributes: dict[str, dict[str, Any]] = {}
                 stats: dict[str, FileStat] = {}
                 for record in old.iter_items():
@@ -223,14 +240,16 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
                 stats.update({s.path: s for s in extra})
                 files = sorted(stats.values(), key=lambda s: s.path)
                 merged = IndexOptions(**{**options.__dict__, "attributes": {**attributes, **options.attributes}})
-                summary = IndexSummary(str(root), binding.name, scanned=len(files), reindexed=True)
+                summary = IndexSummary(str(root), binding.name, scanned=len(files), reindexed=True, notes=notes)
                 _fail_problems(summary, problems)
                 _update(new, embedder, files, Scope(everything=True), merged, summary)
                 kept = new.paths()
                 summary.removed = sum(1 for path in attributes if path not in kept)
                 _finish(new, options, summary)
-        final = root / f"{DATA_PREFIX}{_next_data_number(root)}"
-        os.replace(work, final)
+        faultpoint("reindex.built")
+        final = next_data_dir(root)
+        os.replace(work, final)  # complete before the rename: a data-N newer than CURRENT is a finished re-index
+        faultpoint("reindex.renamed")
         write_text_atomic(root / CURRENT, final.name + "\n")
         # the old data folder stays until the next writer run: a reader may still have it open
     summary.seconds = time.perf_counter() - started
@@ -251,20 +270,32 @@ def _finish(store: Store, options: IndexOptions, summary: IndexSummary) -> None:
     summary.items = store.count()
 
 
-def _next_data_number(root: Path) -> int:
-    numbers = [int(p.name[len(DATA_PREFIX):]) for p in root.glob(DATA_PREFIX + "*")
-               if p.name[len(DATA_PREFIX):].isdigit()]
-    return max(numbers, default=0) + 1
-
-
-def _remove_stale_data_dirs(root: Path) -> None:
-    """Data folders CURRENT no longer names (left by a finished re-index). Caller holds the writer lock."""
-    current = Store.current_data_name(root)
-    if current is None:
-        return
-    for folder in root.glob(DATA_PREFIX + "*"):
-        if folder.name != current and folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
+def _keep_items_of_empty_folders(store: Store, scope: Scope, files: list[FileStat], problems: list[tuple[str, str]],
+                                 options: IndexOptions, summary: IndexSummary) -> None:
+    """An indexed folder with no image left in it, or one that could not be listed, looks exactly
+    like an unmounted drive: its items are kept (the folder leaves the run's scope) unless
+    `options.allow_empty_root` says the files really were deleted. A folder that could not be
+    read is never taken as empty: nothing under it is removed, flag or not.
+    """
+    unreadable = {path for path, reason in problems if reason.startswith(LIST_FAILED)}
+    for folder in list(scope.folders):
+        prefix = folder.rstrip(os.sep) + os.sep
+        listed_nothing = not any(f.path.startswith(prefix) for f in files)
+        blind_spots = [u for u in unreadable if u == folder or u.startswith(prefix)]
+        for spot in blind_spots:
+            if spot != folder:
+                scope.unreadable.append(spot)
+        if not listed_nothing and folder not in blind_spots:
+            continue
+        if folder not in blind_spots and options.allow_empty_root:
+            continue
+        held = store.count_under(folder)
+        if held:
+            scope.folders.remove(folder)
+            why = "could not be read" if folder in blind_spots else "has no images now"
+            summary.notes.append(f"{folder} {why}: its {held} stored items are kept (an unmounted drive looks "
+                                 f"like this)" + ("" if folder in blind_spots else
+                                                  "; if the files were deleted, rerun with --allow-empty-root"))
 
 
 def _attributes_for(path: str, options: IndexOptions) -> dict[str, Any]:
@@ -273,14 +304,14 @@ def _attributes_for(path: str, options: IndexOptions) -> dict[str, Any]:
     if options.subset is not None:
         wanted["subset"] = options.subset
     if options.metadata:
-        wanted["metadata"] = dict(options.metadata)
+        wanted["metadata"] = typed_metadata(options.metadata)
     given = options.attributes.get(path)
     if given:
         for key in ("subset", "caption"):
             if key in given:
                 wanted[key] = given[key]
         if "metadata" in given:
-            wanted["metadata"] = {**(given.get("metadata") or {}), **wanted.get("metadata", {})}
+            wanted["metadata"] = {**typed_metadata(given.get("metadata")), **wanted.get("metadata", {})}
     return wanted
 
 
@@ -329,6 +360,7 @@ class _IndexPass:
     def __init__(self, store: Store, embedder: "Embedder", files: list[FileStat], scope: Scope,
                  options: IndexOptions, summary: IndexSummary):
         self.store, self.embedder, self.files, self.options, self.summary = store, embedder, files, options, summary
+        self.scope = scope
         self.known = store.items_in(scope.folders, scope.files, everything=scope.everything)
         self.known_failures = store.failures_in(scope.folders, scope.files, everything=scope.everything)
         self.seen = {f.path for f in files}
@@ -452,7 +484,8 @@ class _IndexPass:
                 self.summary.added += 1
 
     def _remove_vanished(self) -> None:
-        gone = [r for p, r in self.vanished.items() if p not in self.moved]
+        faultpoint("index.removing-vanished")
+        gone = [r for p, r in self.vanished.items() if p not in self.moved and not self.scope.hides(p)]
         stale_failures = [p for p in self.known_failures if p not in self.seen]
         for start in range(0, max(len(gone), len(stale_failures)), CHUNK_ROWS):
             with self.store.transaction() as txn:

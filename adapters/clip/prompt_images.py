@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+from .files import within
 from .image_files import has_image_suffix, walk_images
 from .items import is_item_id, ref_item_id
 
@@ -46,8 +47,11 @@ class PromptImageResolver:
         """(path, '') when found, else (None, why not)."""
         if ref is not None:
             local = _local_ref(ref, prompt_file.parent if prompt_file else self.root)
-            if local is not None:
-                return (local, "") if local.is_file() else (None, f"prompt image {local} does not exist")
+            if local is not None:  # local references stay inside the export
+                inside = within(local, self.root)
+                if inside is None:
+                    return None, f"prompt image reference {ref[:80]!r} leads outside the export; skipped"
+                return (inside, "") if inside.is_file() else (None, f"prompt image {inside} does not exist")
         sibling = self.sibling_image(prompt_file) if prompt_file is not None else None
         if sibling is not None:
             return sibling, ""

@@ -35,6 +35,10 @@ RESUME_MANIFEST = "resume.json"  # in a copy of the folder: whether its last/ is
 # Keys that may differ when resuming: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k",
                                "resume_upload_minutes"})
+# What a resume needs from RUN_STATE and TRAINER_STATE; a file without them is damaged, not resumable.
+RUN_STATE_KEYS = frozenset({"config", "data_fingerprint", "start_fingerprint", "epoch", "step", "finished",
+                            "stopped_early", "history", "early_stopping", "python_rng", "numpy_rng"})
+TRAINER_KEYS = frozenset({"optimizer", "scaler", "torch_rng", "cuda_rng"})
 
 
 # ---- what fit() records and returns ---------------------------------------------------------
@@ -108,10 +112,6 @@ class SavedRun:
     def model_name(self) -> str:
         return str(self.config.get("model_name"))
 
-    def describe(self) -> str:
-        done = " (it had finished: only its report is written again)" if self.finished else ""
-        return f"resuming {self.run_dir} from epoch {self.epoch} of {self.num_epochs}, model {self.model_name}{done}"
-
 
 def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
     """The run in `run_dir`, or None when it holds none yet."""
@@ -123,7 +123,8 @@ def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
         return SavedRun(Path(run_dir), dict(saved["config"]), int(saved["epoch"]), bool(saved["finished"]),
                         saved.get("data"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the run's state ({exc})") from None
+        raise CheckpointError(f"{path}: cannot resume from this run's state ({type(exc).__name__}: {exc}); train "
+                              f"into a new --out, or delete {path.parent} to start this run over") from None
 
 
 # ---- a run folder carried elsewhere (the platform keeps it with a model's artifacts) ------------

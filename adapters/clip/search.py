@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 import time
@@ -167,6 +168,7 @@ class SearchResult:
     method: str          # 'exact' | 'ann' | 'ann+exact' (ANN came up short; exact filled in)
     candidates: int      # items that passed the filters
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # e.g. a --where key that no item has
 
 
 class Searcher:
@@ -210,7 +212,22 @@ class Searcher:
             keep = scores >= filters.min_score
             rows, scores = rows[keep], scores[keep]
         hits = self._hits(snapshot, rows, scores)
-        return SearchResult(hits, method, candidates, time.perf_counter() - started)
+        warnings = self._unknown_keys(filters) if candidates == 0 and filters.where else []
+        return SearchResult(hits, method, candidates, time.perf_counter() - started, warnings)
+
+    def _unknown_keys(self, filters: Filters) -> list[str]:
+        """Why nothing matched, when the reason is a key no item has (a typo, or never indexed)."""
+        missing = self.store.keys_missing([c for c in filters.conditions() if c.value is not None])
+        if not missing:
+            return []
+        known = self.store.metadata_keys()
+        lines = []
+        for key in missing:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close else
+                    f"; keys in this store: {', '.join(known[:12])}" if known else "; no item has any metadata")
+            lines.append(f"no item has the metadata key {key!r}{hint}")
+        return lines
 
     # ---- pieces --------------------------------------------------------------------------
     def _allowed(self, snapshot: MatrixSnapshot, filters: Filters) -> Optional[np.ndarray]:
@@ -239,8 +256,9 @@ class Searcher:
             index = None  # rows were renumbered since (compaction): the index no longer fits
         if index is None and mode == "on":
             index = AnnIndex.build(snapshot)
-            with contextlib.suppress(OSError):
-                index.save(self.store.data_dir)
+            if not self.store.readonly:
+                with contextlib.suppress(OSError):
+                    index.save(self.store.data_dir)
             self.store.keep_search_index(index.file, index)
         return index
 

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -39,6 +40,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
@@ -47,6 +49,7 @@ import numpy as np
 
 from .progress import progress_bar
 from .errors import InputError, ModelMismatchError, StoreError
+from .faults import faultpoint
 from .files import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the store itself needs no torch; indexing gets an Embedder passed in
@@ -78,6 +81,8 @@ COMPACT_DEAD_FRACTION = 0.25
 COMPACT_MIN_DEAD = 1024
 # Rows read or written per chunk when streaming the whole matrix (bounded memory at any size).
 CHUNK_ROWS = 16384
+# Rows per checksum block of the matrix files (8 MB of a 512-d matrix: an append re-reads at most that).
+CHECK_BLOCK_ROWS = 4096
 
 # fdatasync is missing on macOS, pwrite on Windows: same durability through the portable calls.
 _datasync = getattr(os, "fdatasync", os.fsync)
@@ -134,11 +139,16 @@ SCHEMA_VERSION = len(MIGRATIONS)
 ROOTS_KEY = "roots"  # meta: JSON list of the paths `index` was given
 
 
-def _migrate(conn: sqlite3.Connection, where: Path) -> None:
+def _check_schema_version(conn: sqlite3.Connection, where: Path) -> int:
     version = _user_version(conn)
     if version > SCHEMA_VERSION:
         raise StoreError(f"{where}: store schema version {version} is newer than this code reads "
                          f"({SCHEMA_VERSION}); upgrade the adapter")
+    return version
+
+
+def _migrate(conn: sqlite3.Connection, where: Path) -> None:
+    version = _check_schema_version(conn, where)
     for number in range(version + 1, SCHEMA_VERSION + 1):
         with _immediate(conn):
             if _user_version(conn) >= number:  # another process migrated it meanwhile
@@ -176,16 +186,44 @@ def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
-def _connect(db_path: Path) -> sqlite3.Connection:
+def _connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode; `readonly` opens with `mode=ro`, so SQLite itself refuses
+    any write (a search never creates, migrates or repairs a database, whatever it finds)."""
     try:
+        if readonly:
+            conn = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=60,
+                                   isolation_level=None, check_same_thread=False)
+            register_sql_functions(conn)
+            return conn
         conn = sqlite3.connect(str(db_path), timeout=60, isolation_level=None, check_same_thread=False)
+        register_sql_functions(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a killed process loses nothing committed; only power loss may drop
         # the last transactions (never corrupts).
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{db_path}: not a readable store database ({exc})") from None
+        raise StoreError(f"{db_path}: not a readable store database ({exc}); "
+                         f"{repair_hint(db_path.parent.parent)}") from None
+
+
+@contextlib.contextmanager
+def sqlite_errors(root: Path) -> Iterator[None]:
+    """SQLite's own failures (a full or failing disk, a damaged file) as one StoreError line that says
+    what to do. A failed transaction rolled back: everything committed before it is kept."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        text = str(exc)
+        if any(word in text for word in ("full", "I/O", "readonly", "unable to open")):
+            raise StoreError(f"store {root}: cannot write its database ({text}): the disk may be full, read-only "
+                             f"or failing; free some space and rerun (what was committed before is kept)") from None
+        raise StoreError(f"store {root}: database error ({text}); {repair_hint(root)}") from None
+
+
+def repair_hint(root: Path) -> str:
+    """The command that works on a damaged store (every damaged-store message ends with it)."""
+    return f"run `python -m adapters.clip check --store {root} --repair`"
 
 
 # --------------------------------------------------------------------------------------
@@ -231,7 +269,7 @@ _ITEM_COLUMNS = "id, path, size, mtime_ns, hash, row, subset, caption, metadata"
 
 def _record(row: tuple) -> ItemRecord:
     return ItemRecord(id=row[0], path=row[1], size=row[2], mtime_ns=row[3], hash=row[4], row=row[5],
-                      subset=row[6], caption=row[7], metadata=json.loads(row[8] or "{}"))
+                      subset=row[6], caption=row[7], metadata=typed_metadata(json.loads(row[8] or "{}")))
 
 
 @dataclass(frozen=True)
@@ -295,9 +333,18 @@ def writer_lock(root: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Blocking exclusive lock on a small file (the matrix sync lock: held for milliseconds)."""
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+def _file_lock(path: Path, *, create: bool = True) -> Iterator[None]:
+    """Blocking exclusive lock on a small file (the matrix sync lock: held for milliseconds).
+
+    `create=False` (readers): no lock file means no writer ever synced here; nothing to wait for.
+    """
+    try:
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644) if create else os.open(str(path), os.O_RDONLY)
+    except FileNotFoundError:
+        if create:
+            raise
+        yield
+        return
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -335,7 +382,13 @@ class MatrixSnapshot:
 
 
 class VectorMatrix:
-    """`vectors.f32` + `rows.i64` + `matrix.json` in one data folder. Callers hold the matrix lock to write."""
+    """`vectors.f32` + `rows.i64` + `matrix.json` in one data folder. Callers hold the matrix lock to write.
+
+    matrix.json also records a CRC-32 of every block of CHECK_BLOCK_ROWS rows of both files and
+    their size and mtime as written. A reader compares the sizes and mtimes (two stats) and, when
+    they differ, the CRCs (one pass over the files): a matrix changed behind the store's back
+    (a disk error, a stray write, a restored backup) is never searched as if it were right.
+    """
 
     def __init__(self, directory: Path, dim: int):
         self.directory = directory
@@ -345,10 +398,17 @@ class VectorMatrix:
         self.ids_path = directory / ROWS_FILE
         self.state_path = directory / MATRIX_STATE
 
-    def state(self) -> Optional[MatrixState]:
-        """The recorded state, or None when it is missing or does not fit the files (rebuild)."""
+    def _record(self) -> Optional[dict[str, Any]]:
         try:
             raw = json.loads(self.state_path.read_text(encoding="utf-8"))
+            return raw if isinstance(raw, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def state(self) -> Optional[MatrixState]:
+        """The recorded state, or None when it is missing or does not fit the files (rebuild)."""
+        raw = self._record()
+        try:
             state = MatrixState(int(raw["generation"]), int(raw["epoch"]), int(raw["rows"]), int(raw["dim"]))
             if state.dim != self.dim:
                 return None
@@ -359,6 +419,60 @@ class VectorMatrix:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    # ---- proving the files are what was written -------------------------------------------
+    def unchanged_since_recorded(self) -> bool:
+        """Cheap: both files have the size and mtime they had when matrix.json was written."""
+        recorded = (self._record() or {}).get("files")
+        return isinstance(recorded, dict) and recorded == self._file_stamps()
+
+    def problems(self, state: MatrixState) -> list[str]:
+        """Every block whose CRC differs from the recorded one (reads both files once)."""
+        raw = self._record() or {}
+        checks = raw.get("checks")
+        if not isinstance(checks, dict) or checks.get("block_rows") != CHECK_BLOCK_ROWS:
+            return [f"{self.state_path.name} has no checksums (written by an older version)"]
+        try:
+            found = self._block_crcs(state.rows, range(_blocks(state.rows)))
+        except OSError as exc:
+            return [f"cannot read the matrix files: {exc.strerror or exc}"]
+        bad = []
+        for name, key in ((VECTORS_FILE, "vectors"), (ROWS_FILE, "ids")):
+            recorded = checks.get(key) or []
+            for block, crc in found[key].items():
+                if block >= len(recorded) or recorded[block] != crc:
+                    last = min(state.rows, (block + 1) * CHECK_BLOCK_ROWS) - 1
+                    bad.append(f"{name} rows {block * CHECK_BLOCK_ROWS}-{last} differ from their checksum")
+        return bad
+
+    def intact(self, state: MatrixState) -> bool:
+        return self.unchanged_since_recorded() or not self.problems(state)
+
+    def _file_stamps(self) -> dict[str, list[int]]:
+        stamps = {}
+        for key, path in (("vectors", self.vectors_path), ("ids", self.ids_path)):
+            try:
+                st = path.stat()
+                stamps[key] = [st.st_size, st.st_mtime_ns]
+            except FileNotFoundError:
+                stamps[key] = [0, 0]
+        return stamps
+
+    def _block_crcs(self, rows: int, blocks: Iterable[int]) -> dict[str, dict[int, int]]:
+        """CRC-32 of the given blocks of both files, as they are on disk now."""
+        crcs: dict[str, dict[int, int]] = {"vectors": {}, "ids": {}}
+        blocks = list(blocks)
+        if rows == 0 or not blocks:
+            return crcs
+        with open(self.vectors_path, "rb") as vf, open(self.ids_path, "rb") as fi:
+            for block in blocks:
+                first = block * CHECK_BLOCK_ROWS
+                count = min(rows, first + CHECK_BLOCK_ROWS) - first
+                crcs["vectors"][block] = zlib.crc32(os.pread(vf.fileno(), count * self.row_bytes,
+                                                             first * self.row_bytes))
+                crcs["ids"][block] = zlib.crc32(os.pread(fi.fileno(), count * 8, first * 8))
+        return crcs
+
+    # ---- reading ----------------------------------------------------------------------------
     def open(self, state: MatrixState) -> MatrixSnapshot:
         if state.rows == 0:
             return MatrixSnapshot(np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64), state)
@@ -368,6 +482,7 @@ class VectorMatrix:
         ids = np.fromfile(self.ids_path, dtype=np.int64, count=state.rows)
         return MatrixSnapshot(vectors, ids, state, keepalive=mapped)
 
+    # ---- writing ----------------------------------------------------------------------------
     def write(self, rows: np.ndarray, ids: np.ndarray, vectors: np.ndarray, dead: Sequence[int] = ()) -> None:
         """Write rows (any order) and mark `dead` rows; files grow as needed."""
         with _open_rw(self.vectors_path) as vfd, _open_rw(self.ids_path) as ifd:
@@ -377,10 +492,43 @@ class VectorMatrix:
                 _pwrite(ifd, zero, int(row) * 8)
             _datasync(vfd)
             _datasync(ifd)
+        faultpoint("matrix.rows-written")
 
-    def record(self, state: MatrixState) -> None:
-        """Say the files now reflect `state` (after their data is on disk)."""
-        write_json_atomic(self.state_path, state.__dict__, indent=None)
+    def record(self, state: MatrixState, touched: Optional[Iterable[int]] = None) -> None:
+        """Say the files now reflect `state` (after their data is on disk), with their checksums.
+
+        `touched`: the rows written or killed since the recorded state; only their blocks (and
+        the growing last block) are read again. None: every block.
+        """
+        previous = self._record() or {}
+        checks = previous.get("checks") if isinstance(previous.get("checks"), dict) else None
+        wanted = range(_blocks(state.rows))
+        vectors_crc: list[Optional[int]] = [None] * len(wanted)
+        ids_crc: list[Optional[int]] = [None] * len(wanted)
+        if (touched is not None and checks is not None and checks.get("block_rows") == CHECK_BLOCK_ROWS
+                and previous.get("epoch") == state.epoch and int(previous.get("rows", -1)) <= state.rows):
+            kept = _blocks(int(previous["rows"]))
+            if int(previous["rows"]) % CHECK_BLOCK_ROWS:
+                kept -= 1  # the last block was partial: it grew
+            dirty = {int(r) // CHECK_BLOCK_ROWS for r in touched}
+            for block in range(min(kept, len(wanted), len(checks["vectors"]), len(checks["ids"]))):
+                if block not in dirty:
+                    vectors_crc[block], ids_crc[block] = checks["vectors"][block], checks["ids"][block]
+        missing = [b for b in wanted if vectors_crc[b] is None]
+        found = self._block_crcs(state.rows, missing)
+        for block in missing:
+            vectors_crc[block], ids_crc[block] = found["vectors"][block], found["ids"][block]
+        write_json_atomic(self.state_path, {**state.__dict__, "files": self._file_stamps(),
+                                            "checks": {"block_rows": CHECK_BLOCK_ROWS, "vectors": vectors_crc,
+                                                       "ids": ids_crc}}, indent=None)
+
+    def remove_debris(self) -> None:
+        """Temp files of a writer killed mid-write. The caller holds the matrix lock, under which alone
+        they are made, so none of them is live."""
+        for pattern in (f".{VECTORS_FILE}.tmp-*", f".{ROWS_FILE}.tmp-*", f".{Path(MATRIX_STATE).stem}.tmp-*"):
+            for path in self.directory.glob(pattern):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def replace(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], state: MatrixState) -> None:
         """Write a whole new matrix beside the old files and swap it in.
@@ -400,13 +548,19 @@ class VectorMatrix:
                 _datasync(ifd)
             with contextlib.suppress(FileNotFoundError):
                 self.state_path.unlink()
+            faultpoint("compact.state-removed")
             os.replace(tmp_vectors, self.vectors_path)
+            faultpoint("compact.vectors-replaced")
             os.replace(tmp_ids, self.ids_path)
             self.record(state)
         finally:
             for tmp in (tmp_vectors, tmp_ids):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+
+
+def _blocks(rows: int) -> int:
+    return -(-rows // CHECK_BLOCK_ROWS)
 
 
 @contextlib.contextmanager
@@ -443,11 +597,62 @@ def _blob(vector: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------------------
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
 _SQL_OPS = {"=": "=", "!=": "!=", ">=": ">=", "<=": "<=", ">": ">", "<": "<", "~": "GLOB"}
+# Text that is a number and nothing else: "2019", "-3.5", "1e6"; not "007" (an id keeps its zeros), "NaN", "1,5".
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+NUMBER_SQL_FUNCTION = "clip_number"
+
+
+def typed_value(value: Any) -> Any:
+    """Numbers written as text (a CSV column, a JSON string, `--meta year=2019`) become numbers."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            if not any(c in text for c in ".eE"):
+                return int(text)
+            number = float(text)
+            return number if math.isfinite(number) else value
+        return value
+    if isinstance(value, dict):
+        return {key: typed_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed_value(item) for item in value]
+    return value
+
+
+def typed_metadata(metadata: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return typed_value(dict(metadata or {}))
+
+
+def _metadata_json(metadata: Optional[dict[str, Any]]) -> str:
+    return json.dumps(typed_metadata(metadata), ensure_ascii=False)
+
+
+def _sql_number(value: Any) -> Optional[float]:
+    """SQL `clip_number(x)`: x as a number when it is one (or text that is one), else NULL.
+
+    Stores written before metadata was typed hold CSV numbers as text; SQLite orders any text
+    above any number, so `year>=2020` compared them wrongly. Comparing through this function
+    makes the comparison numeric whenever both sides are numbers, whatever the stored type.
+    """
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        typed = typed_value(value)
+        return typed if isinstance(typed, (int, float)) else None
+    return None
+
+
+def register_sql_functions(conn: sqlite3.Connection) -> None:
+    conn.create_function(NUMBER_SQL_FUNCTION, 1, _sql_number, deterministic=True)
 
 
 @dataclass(frozen=True)
 class Condition:
-    """`key OP value` on an item's metadata JSON; `~` is a glob (`camera~Canon*`)."""
+    """`key OP value` on an item's metadata JSON; `~` is a glob (`camera~Canon*`).
+
+    A number (`year>=2020`, `year="2019"`) compares numerically with numbers stored as numbers or
+    as text; any other value compares as text.
+    """
 
     key: str
     op: str
@@ -464,15 +669,22 @@ class Condition:
         if op != "~":
             with contextlib.suppress(ValueError):
                 value = json.loads(raw)
+            value = typed_value(value)
         if isinstance(value, (dict, list)):
             value = raw
         return cls(key, op, value)
 
+    @property
+    def json_path(self) -> str:
+        return "$" + "".join(f'."{part}"' for part in self.key.split("."))
+
     def sql(self) -> tuple[str, list[Any]]:
-        json_path = "$" + "".join(f'."{part}"' for part in self.key.split("."))
+        json_path = self.json_path
         if self.value is None:
             return f"json_extract(metadata, ?) IS {'NOT ' if self.op == '!=' else ''}NULL", [json_path]
         value = int(self.value) if isinstance(self.value, bool) else self.value
+        if isinstance(value, (int, float)) and self.op != "~":
+            return f"{NUMBER_SQL_FUNCTION}(json_extract(metadata, ?)) {_SQL_OPS[self.op]} ?", [json_path, value]
         return f"json_extract(metadata, ?) {_SQL_OPS[self.op]} ?", [json_path, value]
 
 
@@ -492,42 +704,50 @@ class Store:
     Use one Store per thread. Any number of processes may read while one writes.
     """
 
-    def __init__(self, root: Path, data_dir: Path, conn: sqlite3.Connection):
+    def __init__(self, root: Path, data_dir: Path, conn: sqlite3.Connection, *, readonly: bool = False):
         self.root = root
         self.data_dir = data_dir
         self.conn = conn
-        meta = self._meta()
-        if meta.get("format") != STORE_FORMAT:
-            raise StoreError(f"{data_dir / DB_FILE}: not a {STORE_FORMAT} database")
+        self.readonly = readonly
+        try:
+            meta = self._meta()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {root} is damaged: {data_dir / DB_FILE} cannot be read ({exc}); "
+                             f"{repair_hint(root)}") from None
+        if meta.get("format") != STORE_FORMAT or not {"model_name", "model_fingerprint", "dim"} <= set(meta):
+            raise StoreError(f"{data_dir / DB_FILE}: not a {STORE_FORMAT} database; {repair_hint(root)}")
         self.binding = ModelBinding(meta["model_name"], meta["model_fingerprint"], int(meta["dim"]))
         self.matrix = VectorMatrix(data_dir, self.binding.dim)
         self._snapshot: Optional[MatrixSnapshot] = None
         self._search_index: Optional[tuple[Any, Any]] = None  # (key, index): search.py's loaded ANN index
+        self.warnings: list[str] = []          # what a read-only store found and could not fix
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | os.PathLike, *, create: Optional[ModelBinding] = None) -> "Store":
-        """Open the store in `root`; with `create`, make an empty one bound to that model if there is none."""
+    def open(cls, root: str | os.PathLike, *, create: Optional[ModelBinding] = None,
+             readonly: bool = False) -> "Store":
+        """Open the store in `root`; with `create`, make an empty one bound to that model if there is none.
+
+        `readonly` (searches): SQLite opened with mode=ro and nothing in the folder written, even
+        when something is found damaged (the search then works from a copy in memory, and says so).
+        """
         root = Path(root).expanduser().absolute()
         current = _read_current(root)
         if current is None:
-            if create is None:
+            if create is None or readonly:
+                if any(_items_held(folder) != 0 for folder in _data_dirs(root)):
+                    raise StoreError(f"store {root} is damaged: {CURRENT} is missing; {repair_hint(root)}")
                 raise StoreError(f"no store in {root}; build one with "
                                  f"`python -m adapters.clip index PATH... --store {root}`")
             with writer_lock(root):
                 current = _read_current(root)
                 if current is None:
-                    data_dir = root / f"{DATA_PREFIX}1"
-                    if data_dir.exists():  # debris of a creation that died before CURRENT was written
-                        shutil.rmtree(data_dir)
-                    store = cls.create_data_dir(root, data_dir, create)
-                    write_text_atomic(root / CURRENT, data_dir.name + "\n")
-                    return store
+                    return cls._create(root, create)
         data_dir = root / current
         if not (data_dir / DB_FILE).is_file():
             raise StoreError(f"store {root} is damaged: {root / CURRENT} names {current!r}, which has no "
-                             f"{DB_FILE}; rebuild it with `index --reindex` or delete the folder")
-        return cls.open_data_dir(root, data_dir)
+                             f"{DB_FILE}; {repair_hint(root)}")
+        return cls.open_data_dir(root, data_dir, readonly=readonly)
 
     @staticmethod
     def current_data_name(root: Path) -> Optional[str]:
@@ -535,11 +755,38 @@ class Store:
         return _read_current(Path(root))
 
     @classmethod
-    def open_data_dir(cls, root: Path, data_dir: Path) -> "Store":
-        conn = _connect(data_dir / DB_FILE)
+    def _create(cls, root: Path, binding: ModelBinding) -> "Store":
+        """A new store. Caller holds the writer lock and found no CURRENT.
+
+        A data folder already there is removed only when it provably holds nothing (a creation
+        that died before writing CURRENT); one holding items means CURRENT was lost: an error.
+        """
+        for folder in _data_dirs(root):
+            held = _items_held(folder)
+            if held != 0:
+                what = "an unreadable database" if held is None else f"{held} items"
+                raise StoreError(f"store {root} is damaged: {CURRENT} is missing but {folder.name} holds {what}; "
+                                 f"{repair_hint(root)}")
+            shutil.rmtree(folder)
+        data_dir = root / f"{DATA_PREFIX}1"
+        store = cls.create_data_dir(root, data_dir, binding)
+        faultpoint("store.created-before-current")
+        write_text_atomic(root / CURRENT, data_dir.name + "\n")
+        return store
+
+    @classmethod
+    def open_data_dir(cls, root: Path, data_dir: Path, *, readonly: bool = False) -> "Store":
+        conn = _connect(data_dir / DB_FILE, readonly=readonly)
         try:
-            _migrate(conn, data_dir)
-            return cls(root, data_dir, conn)
+            try:
+                if readonly:
+                    _check_schema_version(conn, data_dir)
+                else:
+                    _migrate(conn, data_dir)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"store {root} is damaged: {data_dir / DB_FILE} cannot be read ({exc}); "
+                                 f"{repair_hint(root)}") from None
+            return cls(root, data_dir, conn, readonly=readonly)
         except BaseException:
             conn.close()
             raise
@@ -654,34 +901,93 @@ class Store:
         rows = np.fromiter((r for (r,) in self.conn.execute(query + " ORDER BY row", params)), dtype=np.int64)
         return rows
 
+    def keys_missing(self, conditions: Sequence[Condition]) -> list[str]:
+        """The condition keys that no item has (a typo, or metadata never indexed)."""
+        missing = []
+        for condition in conditions:
+            found = self.conn.execute("SELECT 1 FROM items WHERE json_type(metadata, ?) IS NOT NULL LIMIT 1",
+                                      (condition.json_path,)).fetchone()
+            if found is None and condition.key not in missing:
+                missing.append(condition.key)
+        return missing
+
+    def metadata_keys(self, limit: int = 50) -> list[str]:
+        """Top-level metadata keys in use, most common first."""
+        return [key for (key,) in self.conn.execute(
+            "SELECT j.key FROM items, json_each(items.metadata) AS j GROUP BY j.key ORDER BY COUNT(*) DESC LIMIT ?",
+            (limit,))]
+
     # ---- the matrix ----------------------------------------------------------------------
     def snapshot(self) -> MatrixSnapshot:
-        """The vectors of every committed item, as a memory-mapped matrix (cached per generation)."""
+        """The vectors of every committed item, as a memory-mapped matrix (cached per generation).
+
+        Files that are behind the database or fail their checksums are brought up to date from
+        SQLite (the truth) by a writable store; a read-only one builds the matrix in memory
+        instead and says so in `warnings` (the files stay as they are for `check --repair`).
+        """
         generation = self.generation()
         if self._snapshot is not None and self._snapshot.state.generation == generation:
             return self._snapshot
         state = self.matrix.state()
-        if state is None or state.generation != generation:
-            with _file_lock(self.data_dir / MATRIX_LOCK):  # a writer mid-sync finishes first
-                state = self._sync_matrix()
+        if state is None or state.generation != generation or not self.matrix.intact(state):
+            # a writer may be mid-sync: wait for it, then look again
+            with _file_lock(self.data_dir / MATRIX_LOCK, create=not self.readonly):
+                if not self.readonly:
+                    state = self._sync_matrix()
+                else:
+                    generation = self.generation()
+                    state = self.matrix.state()
+                    if state is None or state.generation != generation or not self.matrix.intact(state):
+                        self._snapshot = self._memory_snapshot(state, generation)
+                        return self._snapshot
         self._snapshot = self.matrix.open(state)
         return self._snapshot
+
+    def _memory_snapshot(self, state: Optional[MatrixState], generation: int) -> MatrixSnapshot:
+        why = ("is missing" if state is None else "is behind the database (an interrupted writer)"
+               if state.generation != generation else "does not match its checksums")
+        self.warnings.append(f"store {self.root}: the vector matrix {why}; searching a copy rebuilt in memory "
+                             f"from the database; {repair_hint(self.root)}")
+        log.warning(self.warnings[-1])
+        with _read_transaction(self.conn):
+            meta = self._meta()
+            target = MatrixState(int(meta["generation"]), int(meta["epoch"]), int(meta["next_row"]),
+                                 self.binding.dim)
+            vectors = np.zeros((target.rows, self.binding.dim), np.float32)
+            ids = np.zeros(target.rows, np.int64)
+            for rows, item_ids, found in self.iter_rows():
+                vectors[rows], ids[rows] = found, item_ids
+        return MatrixSnapshot(vectors, ids, target)
 
     def _sync_matrix(self, fresh: Optional[list[tuple[int, int, np.ndarray]]] = None) -> MatrixState:
         """Bring the matrix files up to the committed generation. Caller holds the matrix lock.
 
         `fresh` is what the caller's last transaction wrote, to avoid reading it back from SQLite.
         """
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
+        self.matrix.remove_debris()
         state = self.matrix.state()
+        if state is not None and not self.matrix.unchanged_since_recorded():
+            problems = self.matrix.problems(state)
+            if problems:
+                log.warning("%s: the vector matrix does not match its checksums (%s); rebuilding it from the "
+                            "database", self.data_dir, problems[0])
+                state = None
         with _read_transaction(self.conn):
             meta = self._meta()
             target = MatrixState(int(meta["generation"]), int(meta["epoch"]), int(meta["next_row"]),
                                  self.binding.dim)
             if state == target:
                 return state
+            if state is not None and state.generation > target.generation:
+                log.warning("%s: the database is older than its vector matrix (generation %d < %d): its last "
+                            "transactions were lost (a deleted or lost store.db-wal?); rebuilding the matrix from "
+                            "the database; index the folders again to re-add what was lost",
+                            self.data_dir, target.generation, state.generation)
             if state is None or state.epoch != target.epoch or state.generation > target.generation:
                 log.info("%s: rebuilding the vector matrix from the database", self.data_dir)
-                self.matrix.replace(self._all_rows(), target)
+                self.matrix.replace(self.iter_rows(), target)
                 return target
             if fresh is not None and state.generation == target.generation - 1:
                 rows = np.array([r for r, _, _ in fresh], dtype=np.int64)
@@ -691,7 +997,26 @@ class Store:
                 rows, ids, vectors = self._changed_rows(state.generation)
             dead = [r for (r,) in self.conn.execute("SELECT row FROM dead_rows WHERE gen > ?", (state.generation,))]
         self.matrix.write(rows, ids, vectors, dead)
-        self.matrix.record(target)
+        self.matrix.record(target, touched=[*rows.tolist(), *dead])
+        return target
+
+    def catch_up(self) -> MatrixState:
+        """Bring the matrix files up to the database (after a killed writer, or damage) now, not at
+        the next transaction: a writer run that finds nothing to change still leaves them right."""
+        with writer_lock(self.root), _file_lock(self.data_dir / MATRIX_LOCK):
+            state = self._sync_matrix()
+        self._snapshot = None
+        return state
+
+    def rebuild_matrix(self) -> MatrixState:
+        """Rewrite the matrix files from SQLite, whatever they hold now (`check --repair`)."""
+        with writer_lock(self.root), _file_lock(self.data_dir / MATRIX_LOCK):
+            with _read_transaction(self.conn):
+                meta = self._meta()
+                target = MatrixState(int(meta["generation"]), int(meta["epoch"]), int(meta["next_row"]),
+                                     self.binding.dim)
+                self.matrix.replace(self.iter_rows(), target)
+        self._snapshot = None
         return target
 
     def _changed_rows(self, since: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -701,7 +1026,7 @@ class Store:
         vectors = np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(len(found), self.binding.dim)
         return rows, ids, vectors
 
-    def _all_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def iter_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         cursor = self.conn.execute("SELECT row, id, vector FROM items")
         while True:
             found = cursor.fetchmany(CHUNK_ROWS)
@@ -714,15 +1039,18 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator["Transaction"]:
         """One atomic batch of changes; the matrix follows right after the commit."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
         with writer_lock(self.root), _file_lock(self.data_dir / MATRIX_LOCK):
-            if self.matrix.state() is None or self.matrix.state().generation != self.generation():
-                self._sync_matrix()  # a crashed run's last commit: catch up before adding to it
+            self._sync_matrix()  # a crashed run's last commit, or damaged files: catch up before adding
             with _immediate(self.conn):
                 meta = self._meta()
                 txn = Transaction(self, int(meta["generation"]) + 1, int(meta["next_row"]))
                 yield txn
                 self.conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
                                       [(str(txn.generation), "generation"), (str(txn.next_row), "next_row")])
+                faultpoint("txn.before-commit")
+            faultpoint("txn.committed")
             self._sync_matrix(fresh=txn.written)
         self._snapshot = None
 
@@ -791,6 +1119,7 @@ class Store:
                 self.conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
                                       [(str(generation), "generation"), (str(epoch), "epoch"),
                                        (str(len(pairs)), "next_row")])
+            faultpoint("compact.committed")
             ids = np.array([p[0] for p in pairs], dtype=np.int64)
             old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
 
@@ -820,6 +1149,11 @@ class Store:
             if r:
                 found[r[1]] = _record(r)
         return found
+
+    def count_under(self, folder: str) -> int:
+        """Stored items whose path lies under `folder`."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM items WHERE path > ? AND path < ?",
+                                     _prefix_range(folder)).fetchone()[0])
 
     def failures_in(self, folders: Sequence[str] = (), files: Sequence[str] = (), *,
                     everything: bool = False) -> dict[str, tuple[int, int, str]]:
@@ -902,7 +1236,7 @@ class Transaction:
                 "INSERT INTO items(path, size, mtime_ns, hash, subset, caption, metadata, vector, row, gen, added) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (stat.path, stat.size, stat.mtime_ns, content_hash, None if subset is KEEP else subset,
-                 None if caption is KEEP else caption, json.dumps({} if metadata is KEEP else metadata or {}),
+                 None if caption is KEEP else caption, _metadata_json({} if metadata is KEEP else metadata),
                  _blob(vector), row, self.generation, time.time())).lastrowid
         self.conn.execute("DELETE FROM failures WHERE path = ?", (stat.path,))
         self.written.append((row, item_id, vector))
@@ -920,7 +1254,7 @@ class Transaction:
             "INSERT INTO items(path, size, mtime_ns, hash, subset, caption, metadata, vector, row, gen, added) "
             "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
             ((s.path, s.size, s.mtime_ns, h, subset,
-              json.dumps({} if metadata is None or metadata[j] is KEEP else metadata[j] or {}),
+              _metadata_json({} if metadata is None or metadata[j] is KEEP else metadata[j]),
               _blob(vectors[j]), first + j, self.generation, now) for j, (s, h) in enumerate(zip(stats, hashes))))
         ids = dict(self.conn.execute("SELECT row, id FROM items WHERE row >= ? AND row < ?",
                                      (first, self.next_row)).fetchall())
@@ -941,7 +1275,7 @@ class Transaction:
             if value is not KEEP:
                 self.conn.execute(f"UPDATE items SET {column} = ? WHERE id = ?", (value, item_id))
         if metadata is not KEEP:
-            self.conn.execute("UPDATE items SET metadata = ? WHERE id = ?", (json.dumps(metadata or {}), item_id))
+            self.conn.execute("UPDATE items SET metadata = ? WHERE id = ?", (_metadata_json(metadata), item_id))
 
     def delete(self, item_id: int) -> None:
         found = self.conn.execute("SELECT row FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -965,8 +1299,91 @@ def _read_current(root: Path) -> Optional[str]:
         name = (root / CURRENT).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise StoreError(f"cannot read {root / CURRENT}: {exc}") from None
-    if not name or "/" in name or name.startswith("."):
-        raise StoreError(f"{root / CURRENT} is damaged (names {name!r}); rebuild the store with `index --reindex`")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"store {root} is damaged: cannot read {root / CURRENT} ({exc}); {repair_hint(root)}") from None
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        raise StoreError(f"store {root} is damaged: {root / CURRENT} names {name[:40]!r}; {repair_hint(root)}")
     return name
+
+
+def _data_number(folder: Path) -> Optional[int]:
+    suffix = folder.name[len(DATA_PREFIX):]
+    return int(suffix) if folder.name.startswith(DATA_PREFIX) and suffix.isdigit() else None
+
+
+def _data_dirs(root: Path) -> list[Path]:
+    """The data-N folders of a store, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _data_number(p) is not None]
+    return sorted(found, key=_data_number)
+
+
+def next_data_dir(root: Path) -> Path:
+    return root / f"{DATA_PREFIX}{max((_data_number(p) for p in _data_dirs(root)), default=0) + 1}"
+
+
+def _items_held(folder: Path) -> Optional[int]:
+    """Items in a data folder's database: 0 when there is none, None when it cannot be read."""
+    if not (folder / DB_FILE).is_file():
+        return 0
+    try:
+        conn = _connect(folder / DB_FILE, readonly=True)
+    except StoreError:
+        return None
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]) if "items" in tables else 0
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        conn.close()
+
+
+def _is_store_db(folder: Path) -> bool:
+    try:
+        with contextlib.closing(_connect(folder / DB_FILE, readonly=True)) as conn:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            conn.execute("SELECT COUNT(*) FROM items").fetchone()
+        return meta.get("format") == STORE_FORMAT
+    except (StoreError, sqlite3.DatabaseError):
+        return False
+
+
+def remove_temp_files(data_dir: Path) -> None:
+    """Temp files of writers killed mid-write (`.vectors.f32.tmp-PID`, `.matrix.tmp-PID-TID.json`,
+    `.ann-....faiss.tmp`). Only a writer makes them, and the caller holds the writer lock: none is live."""
+    for path in data_dir.glob(".*"):
+        if ".tmp" in path.name and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def settle_layout(root: Path) -> list[str]:
+    """Before a writer opens the store (it holds the writer lock): finish or clear what a killed
+    re-index left, deleting only folders proven to be superseded. Returns notes for the user.
+
+    - CURRENT damaged, or naming a folder without a readable database: StoreError, nothing deleted.
+    - data-N newer than CURRENT: a re-index renamed into place and killed before CURRENT was
+      written (it is renamed only once complete): CURRENT is switched to it.
+    - data-N older than CURRENT: left by a finished re-index (a reader may have used it until
+      now): removed.
+    """
+    current = _read_current(root)
+    if current is None:
+        return []
+    live = root / current
+    if _data_number(live) is None or not _is_store_db(live):
+        raise StoreError(f"store {root} is damaged: {CURRENT} names {current!r}, which is not a readable "
+                         f"data folder; {repair_hint(root)}")
+    remove_temp_files(live)
+    notes = []
+    newer = [p for p in _data_dirs(root) if _data_number(p) > _data_number(live) and _is_store_db(p)]
+    if newer:
+        live = newer[-1]
+        write_text_atomic(root / CURRENT, live.name + "\n")
+        notes.append(f"finished the re-index that was stopped just before switching to {live.name}")
+    for folder in _data_dirs(root):
+        if _data_number(folder) < _data_number(live):
+            shutil.rmtree(folder, ignore_errors=True)
+    return notes

@@ -37,14 +37,15 @@ from .config import ClipConfig
 from .pairs import CaptionPair, PairSet
 from .embed import Embedder
 from .progress import progress_bar
-from .errors import CheckpointError, ConfigError, DataError, InputError
+from .errors import CheckpointError, ConfigError, DataError, InputError, TrainingDivergedError
 from .images import load_image
-from .files import atomic_directory, atomic_path, write_json_atomic
+from .faults import faultpoint
+from .files import atomic_directory, atomic_path, recover_directory, write_json_atomic
 from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict, save_checkpoint,
                      write_checkpoint_files)
 from .reports import CURVES_PNG, plot_curves, write_report
-from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, TRAINER_STATE, WISE_FT, EpochRecord, FitResult, RunState,
-                   append_metrics, check_resumable, numpy_rng_state, pairs_fingerprint, python_rng_state,
+from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, RUN_STATE_KEYS, TRAINER_KEYS, TRAINER_STATE, WISE_FT,
+                   EpochRecord, FitResult, RunState, append_metrics, check_resumable, numpy_rng_state, pairs_fingerprint, python_rng_state,
                    rewrite_metrics_log, set_numpy_rng_state, set_python_rng_state)
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,16 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     metrics_log = run_dir / METRICS_LOG
 
     last = run_dir / LAST
+    for done in recover_directory(last) + recover_directory(run_dir / BEST):
+        say(done, show_progress)
     if resume and (last / RUN_STATE).is_file():
         state = restore_last(last, state, task, optimizer, scaler, stopper)
-        log.info("resuming %s after epoch %d (step %d)", run_dir, state.epoch, state.step)
+        done = " (it had finished: only its report is written again)" if state.finished else ""
+        say(f"resuming {run_dir} from epoch {state.epoch} of {config.num_epochs}, model {config.model_name}{done}",
+            show_progress)
     else:
+        if resume:
+            say(f"no checkpoint in {last}: starting {run_dir} from scratch", show_progress)
         # Epoch 0: the starting model is measured once, and is the first "best".
         start = validate(clip)
         stopper.update(start[config.monitor])
@@ -119,6 +126,8 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
         if not stats.losses:
             raise DataError("no training batch could be formed: every image failed to load, or there are fewer "
                             "than 2 distinct images/captions in the 'train' subset")
+        stop_if_diverged(task, stats, epoch, config, run_dir, state)
+        faultpoint("train.epoch-trained")
         state.step += len(stats.losses)
         clip.forget_fingerprint()
 
@@ -134,7 +143,9 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
         state.stopped_early = state.finished and epoch < config.num_epochs
         if improved:
             save_best(clip, run_dir, config, record, state)
+            faultpoint("train.best-saved")
         save_last(last, state, task, optimizer, scaler, stopper)
+        faultpoint("train.last-saved")
         append_metrics(metrics_log, record)
         report_epoch(record, config, show_progress)
         if on_epoch_end is not None:
@@ -190,6 +201,23 @@ def train_one_epoch(task: "ContrastiveTask", batches: Iterable["Batch"], optimiz
         torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def stop_if_diverged(task: "ContrastiveTask", stats: EpochStats, epoch: int, config: ClipConfig, run_dir: Path,
+                     state: "RunState") -> None:
+    """A NaN or infinite loss or weight ends the run here, before anything of this epoch is saved
+    or validated (its metrics would be NaN too): best/ and last/ keep the last good epoch."""
+    bad_step = next((i for i, loss in enumerate(stats.losses) if not math.isfinite(loss)), None)
+    weights_ok = all(bool(torch.isfinite(p).all()) for _, p in task.parameters())
+    if bad_step is None and weights_ok:
+        return
+    where = (f"the loss became {stats.losses[bad_step]} at step {state.step + bad_step + 1}" if bad_step is not None
+             else "the weights became NaN or infinite")
+    best = next((r.epoch for r in reversed(state.history) if r.improved), 0)
+    raise TrainingDivergedError(
+        f"training diverged in epoch {epoch} ({where}): the learning rate or weight decay is likely too high "
+        f"(learning_rate={config.learning_rate}, weight_decay={config.weight_decay}, epsilon={config.epsilon}); "
+        f"the best model so far (epoch {best}) is kept in {run_dir / BEST}")
 
 
 def finish(config: ClipConfig, clip: ClipModel, run_dir: Path, state: "RunState", validate: "Validator",
@@ -693,24 +721,38 @@ def save_last(directory: Path, state: RunState, task: ContrastiveTask, optimizer
 def restore_last(directory: Path, fresh: RunState, task: ContrastiveTask, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, stopper: EarlyStopping) -> RunState:
     """Put weights, optimizer, scaler, RNG and bookkeeping back as they were after the saved epoch."""
+    def unusable(reason: object) -> CheckpointError:
+        return CheckpointError(f"{directory}: cannot resume from this checkpoint ({reason}); train into a new --out, "
+                               f"or delete {directory} to start this run over")
+
     try:
         saved = json.loads((directory / RUN_STATE).read_text(encoding="utf-8"))
+        # weights_only: a malicious pickle is refused (UnpicklingError), never executed
         trainer = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory}: cannot resume from this checkpoint ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file (truncated, foreign, malicious) is one answer
+        raise unusable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    missing = sorted(RUN_STATE_KEYS - set(saved)) if isinstance(saved, dict) else ["everything"]
+    missing += sorted(TRAINER_KEYS - set(trainer)) if isinstance(trainer, dict) else ["trainer state"]
+    if missing:
+        raise unusable(f"{RUN_STATE} or {TRAINER_STATE} lacks {', '.join(missing)}")
     check_resumable(saved, fresh, directory)
-    load_weights_into(task.clip, read_state_dict(directory / CHECKPOINT_WEIGHTS))
-    optimizer.load_state_dict(trainer["optimizer"])
-    scaler.load_state_dict(trainer["scaler"])
-    stopper.load_state_dict(saved["early_stopping"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if trainer["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    set_python_rng_state(saved["python_rng"])
-    set_numpy_rng_state(saved["numpy_rng"])
-    fresh.epoch, fresh.step = int(saved["epoch"]), int(saved["step"])
-    fresh.finished, fresh.stopped_early = bool(saved["finished"]), bool(saved["stopped_early"])
-    fresh.history = [EpochRecord(**r) for r in saved["history"]]
+    try:
+        load_weights_into(task.clip, read_state_dict(directory / CHECKPOINT_WEIGHTS))
+        optimizer.load_state_dict(trainer["optimizer"])
+        scaler.load_state_dict(trainer["scaler"])
+        stopper.load_state_dict(saved["early_stopping"])
+        torch.set_rng_state(trainer["torch_rng"])
+        if trainer["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+        set_python_rng_state(saved["python_rng"])
+        set_numpy_rng_state(saved["numpy_rng"])
+        fresh.epoch, fresh.step = int(saved["epoch"]), int(saved["step"])
+        fresh.finished, fresh.stopped_early = bool(saved["finished"]), bool(saved["stopped_early"])
+        fresh.history = [EpochRecord(**r) for r in saved["history"]]
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise unusable(f"{type(exc).__name__}: {exc}") from None
     return fresh
 
 

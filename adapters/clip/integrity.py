@@ -1,0 +1,160 @@
+"""`check`: prove a store's matrix matches its database, and repair what can be repaired.
+
+SQLite is the truth; everything else in a store folder is derived from it (the matrix files, the
+ANN index) or points at it (CURRENT). So a check asks, in order:
+
+1. Does CURRENT name a readable data folder? If not, repair points it at the newest one that is.
+2. Is the database itself intact (`PRAGMA integrity_check`) and consistent (rows, generations)?
+   A damaged database cannot be repaired from anything else: the check says how to rebuild.
+3. Do the matrix files hold, row for row, the vectors and ids in the database (and their
+   recorded checksums)? If not, repair rewrites them from the database and drops the ANN index
+   (it is rebuilt by the next `index`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError
+from .files import write_text_atomic
+from .ann import ANN_STATE
+from .store import (CURRENT, DB_FILE, Store, _data_dirs, _is_store_db, _read_current,
+                    settle_layout, sqlite_errors, writer_lock)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckReport:
+    store: str
+    problems: list[str] = field(default_factory=list)   # what was wrong (found before any repair)
+    repaired: list[str] = field(default_factory=list)   # what repair fixed
+    notes: list[str] = field(default_factory=list)
+    items: int = 0
+
+    @property
+    def unrepaired(self) -> int:
+        return len(self.problems) - len(self.repaired)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "ok": not self.problems}
+
+
+def check_store(root: str | os.PathLike, *, repair: bool = False) -> CheckReport:
+    """Check (and with `repair`, fix) the store in `root`. Without `repair` nothing is written."""
+    root = Path(root).expanduser().absolute()
+    report = CheckReport(str(root))
+    if not root.is_dir():
+        raise StoreError(f"no store in {root}")
+    with sqlite_errors(root):
+        return _check(root, report, repair)
+
+
+def _check(root: Path, report: CheckReport, repair: bool) -> CheckReport:
+    if not repair:
+        _check_layout(root, report, repair=False)
+        if not report.problems:
+            with Store.open(root, readonly=True) as store:
+                _check_database(store, report)
+                _check_matrix(store, report, repair=False)
+        return report
+    with writer_lock(root):
+        _check_layout(root, report, repair=True)
+        if len(report.repaired) < len(report.problems):
+            return report
+        report.notes += settle_layout(root)
+        with Store.open(root) as store:
+            _check_database(store, report)
+            if report.problems[len(report.repaired):]:
+                return report  # a damaged database: rewriting the matrix from it would spread the damage
+            _check_matrix(store, report, repair=True)
+    return report
+
+
+def _check_layout(root: Path, report: CheckReport, *, repair: bool) -> None:
+    try:
+        current = _read_current(root)
+        if current is None:
+            problem = f"{CURRENT} is missing"
+        elif not _is_store_db(root / current):
+            problem = f"{CURRENT} names {current!r}, which has no readable {DB_FILE}"
+        else:
+            return
+    except StoreError as exc:
+        problem = str(exc).split("; run `")[0]
+    report.problems.append(problem)
+    candidates = [folder for folder in _data_dirs(root) if _is_store_db(folder)]
+    if not candidates:
+        report.notes.append(f"no data folder of {root} holds a readable database: nothing to repair from; move the "
+                            f"folder away and index your images again (`python -m adapters.clip index FOLDER... "
+                            f"--store {root}`)")
+        return
+    if repair:
+        write_text_atomic(root / CURRENT, candidates[-1].name + "\n")
+        report.repaired.append(f"{CURRENT} now names {candidates[-1].name}, the newest readable data folder")
+
+
+def _check_database(store: Store, report: CheckReport) -> None:
+    conn = store.conn
+    verdict = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    if verdict != ["ok"]:
+        report.problems.append(f"{store.data_dir / DB_FILE} fails SQLite's integrity check: {verdict[0]}")
+        report.notes.append(f"a damaged database cannot be rebuilt from the derived files: move {store.root} away "
+                            f"and index your images again")
+        return
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    top_row, top_gen, report.items = conn.execute("SELECT MAX(row), MAX(gen), COUNT(*) FROM items").fetchone()
+    if top_row is not None and top_row >= int(meta["next_row"]):
+        report.problems.append(f"item row {top_row} is beyond the database's next_row {meta['next_row']}")
+    if top_gen is not None and top_gen > int(meta["generation"]):
+        report.problems.append(f"item generation {top_gen} is beyond the database's generation {meta['generation']}")
+
+
+def _check_matrix(store: Store, report: CheckReport, *, repair: bool) -> None:
+    problems = matrix_problems(store)
+    report.problems += problems
+    if problems and repair:
+        store.rebuild_matrix()
+        with contextlib.suppress(FileNotFoundError):
+            (store.data_dir / ANN_STATE).unlink()  # it may hold the damaged vectors: the next index rebuilds it
+        left = matrix_problems(store)
+        if left:
+            report.notes.append(f"the matrix still differs after its rebuild: {left[0]}")
+            return
+        report.repaired += [f"rebuilt from the database: {p}" for p in problems]
+
+
+def matrix_problems(store: Store) -> list[str]:
+    """Where the matrix files differ from the database (empty: they match, row for row)."""
+    state = store.matrix.state()
+    generation = store.generation()
+    if state is None:
+        return ["the vector matrix files are missing, or smaller than recorded"]
+    found = []
+    if state.generation != generation:
+        found.append(f"the vector matrix is at generation {state.generation}, the database at {generation}")
+    found += store.matrix.problems(state)
+    if found:
+        return found
+    snapshot = store.matrix.open(state)
+    referenced = np.zeros(snapshot.rows, dtype=bool)
+    wrong = 0
+    for rows, ids, vectors in store.iter_rows():
+        inside = rows < snapshot.rows
+        wrong += int(np.count_nonzero(~inside))
+        rows, ids, vectors = rows[inside], ids[inside], vectors[inside]
+        referenced[rows] = True
+        wrong += int(np.count_nonzero((snapshot.ids[rows] != ids)
+                                      | np.any(snapshot.vectors[rows] != vectors, axis=1)))
+    stray = int(np.count_nonzero(snapshot.ids[~referenced] != 0))
+    if wrong:
+        found.append(f"{wrong} matrix rows differ from the database's vectors")
+    if stray:
+        found.append(f"{stray} matrix rows are live but belong to no item")
+    return found
