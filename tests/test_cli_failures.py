@@ -82,13 +82,12 @@ def test_writing_where_nothing_can_be_written_is_one_line(photos, tmp_path):
     assert "/proc/x" in assert_one_line(result.stderr)
 
 
-def test_the_adapter_turns_a_write_failure_into_one_line(tmp_path, monkeypatch):
+def test_the_adapter_turns_a_write_failure_into_one_line(platform, tmp_path):
     from adapters.clip_adapter import ClipAdapter, ClipAdapterFailure
-    from dataloop_fakes import offline_model
+    from dataloop_fakes import platform_model
 
-    monkeypatch.chdir(tmp_path)
     adapter = ClipAdapter()
-    adapter.model_entity = offline_model({"model_name": "tiny", "device": "cpu"})
+    adapter.model_entity = platform_model(platform, {"model_name": "tiny", "device": "cpu"})
     adapter.load(str(tmp_path / "artifacts"))
     with pytest.raises(ClipAdapterFailure) as failure:
         adapter.save("/proc/clip-model")

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from adapters.clip.cli import main
-from adapters.clip.data import CaptionPair, read_export, write_export
+from adapters.clip.exports import read_export, write_export
+from adapters.clip.pairs import CaptionPair
 from conftest import pattern_image
 
 

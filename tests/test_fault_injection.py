@@ -170,7 +170,7 @@ TRAIN_SETTINGS = dict(num_epochs=3, warmup_ratio=0.3, early_stop=False)
 
 def training_pairs(folder: str):
     """12 training and 4 validation pairs on images written once in `folder`."""
-    from adapters.clip.data import CaptionPair
+    from adapters.clip.pairs import CaptionPair
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pairs = []

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from adapters.clip.cli import main
-from adapters.clip.data import CaptionPair, write_manifest
+from adapters.clip.manifests import write_manifest
+from adapters.clip.pairs import CaptionPair
 from adapters.clip.errors import TrainingDivergedError
 from adapters.clip.models import CHECKPOINT_WEIGHTS, read_state_dict
 from adapters.clip.train import fit
