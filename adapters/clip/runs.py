@@ -104,14 +104,6 @@ class SavedRun:
     finished: bool
     data: Optional[str]
 
-    @property
-    def num_epochs(self) -> int:
-        return int(self.config.get("num_epochs", 0))
-
-    @property
-    def model_name(self) -> str:
-        return str(self.config.get("model_name"))
-
 
 def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
     """The run in `run_dir`, or None when it holds none yet."""

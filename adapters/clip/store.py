@@ -8,7 +8,7 @@ Layout of a store folder (`--store DIR`):
                             metadata JSON and vector; the model binding; the schema version (user_version)
     DIR/data-N/vectors.f32  every vector in one contiguous float32 matrix (row = items.row)
     DIR/data-N/rows.i64     the item id of each matrix row, 0 where the row is dead
-    DIR/data-N/matrix.json  the database generation the two files reflect
+    DIR/data-N/matrix.json  the database generation the two files reflect, their block CRCs and stamps
     DIR/data-N/ann*.faiss   the ANN index of large stores (see search.py)
     DIR/reindex-<model>/    a re-index in progress; a stopped one is resumed by the next `--reindex`
 
@@ -18,8 +18,12 @@ Why this shape:
 - Matrix rows are append-only and never rewritten: a changed item gets a new row and its old row
   is marked dead. A reader mapping the file while an index run appends never sees a torn row.
 - Every write transaction bumps a generation and records the rows it added (items.gen) or killed
-  (dead_rows.gen); matrix.json says up to which generation the files are written. Whoever finds
-  them behind (the writer after its commit, or anyone after a crash) replays just that delta.
+  (dead_rows.gen); matrix.json says up to which generation the files are written. A writer that
+  finds them behind (after its commit, or after a crash) replays just that delta.
+- Readers never write (SQLite opened with mode=ro). Files behind the database or failing their
+  checksums are searched from a copy rebuilt in memory from SQLite, with a warning; the next
+  writer or `check --repair` (integrity.py) rewrites them. Nothing is deleted unless proven to be
+  debris: see `settle_layout`.
 - The store is bound to the model that made its vectors (fingerprint + dimension): vectors of two
   models are not comparable, so using another model is an error, and `reindex` builds the new
   vectors in a folder beside the old one and swaps `CURRENT`, so a failed re-index changes nothing.
