@@ -313,7 +313,7 @@ def _stored_roots(root: Path) -> list[str]:
     from .store import CURRENT, Store
     roots: list[str] = []
     if (root / CURRENT).is_file():
-        with Store.open(root) as store:
+        with Store.open(root, readonly=True) as store:
             roots = store.roots()
     if not roots:
         raise UsageError(f"nothing to index: give image files or folders ({root} has none to rescan)")
