@@ -186,15 +186,6 @@ class FakeGate:
                 return error(400, f"dataset {payload['name']!r} already exists")
             return Reply(self.state.add_dataset(payload["projects"][0], payload["name"]))
 
-    @route("GET", "/datasets")
-    def list_datasets(self, request: Request) -> Reply:
-        project_ids = request.query.get("projects", [])
-        name = request.arg("name")
-        with self.state.lock:
-            return Reply([d for d in self.state.datasets.values()
-                          if (not project_ids or set(project_ids) & set(d["projects"]))
-                          and (name is None or d["name"] == name)])
-
     @route("POST", f"/datasets/{ID}/query")
     def query_dataset(self, request: Request) -> Reply:
         """Items or annotations of a dataset by DQL: list (paged), `delete: true` or `update`."""
@@ -297,10 +288,6 @@ class FakeGate:
         self.state.commands[command_id] = command
         return command
 
-    @route("GET", f"/commands/{ID}")
-    def get_command(self, request: Request) -> Reply:
-        return Reply(self.state.commands[request.match[1]])
-
     # ---- items -------------------------------------------------------------------------------
     @route("GET", f"/items/{ID}")
     def get_item(self, request: Request) -> Reply:
@@ -325,22 +312,7 @@ class FakeGate:
                     item[key] = copy.deepcopy(change[key])
             return Reply(self.state.item_document(item["id"]))
 
-    @route("DELETE", f"/items/{ID}")
-    def delete_item(self, request: Request) -> Reply:
-        with self.state.lock:
-            item = self.state.items.pop(request.match[1])
-            self.state.binaries.pop(item["id"], None)
-            self.state.delete_annotations([a["id"] for a in self.state.annotations.values()
-                                           if a["itemId"] == item["id"]])
-            self.state.datasets[item["datasetId"]]["itemsCount"] -= 1
-            return Reply({"deleted": True})
-
     # ---- annotations -------------------------------------------------------------------------
-    @route("GET", f"/items/{ID}/annotations")
-    def list_item_annotations(self, request: Request) -> Reply:
-        self.state.items[request.match[1]]  # 404 for an unknown item
-        return Reply(sorted(self.state.item_annotations(request.match[1]), key=lambda a: a["id"]))
-
     @route("POST", f"/items/{ID}/annotations")
     def upload_annotations(self, request: Request) -> Reply:
         item_id, body = request.match[1], request.json()
@@ -353,17 +325,6 @@ class FakeGate:
                                                          annotation.get("coordinates"),
                                                          annotation.get("metadata"), **fields))
         return Reply(created)
-
-    @route("GET", f"/annotations/{ID}")
-    def get_annotation(self, request: Request) -> Reply:
-        with self.state.lock:
-            return Reply(self.state.annotations[request.match[1]])
-
-    @route("DELETE", f"/annotations/{ID}")
-    def delete_annotation(self, request: Request) -> Reply:
-        with self.state.lock:
-            self.state.delete_annotations([request.match[1]])
-        return Reply({"deleted": True})
 
     # ---- feature sets and vectors ------------------------------------------------------------
     @route("POST", "/features/sets/query")
@@ -385,11 +346,6 @@ class FakeGate:
                            "url": f"{self.state.base_url}/features/sets/{feature_set_id}"}
             self.state.feature_sets[feature_set_id] = feature_set
             return Reply([feature_set])  # the gate answers a list
-
-    @route("GET", f"/features/sets/{ID}")
-    def get_feature_set(self, request: Request) -> Reply:
-        with self.state.lock:
-            return Reply(self.state.feature_sets[request.match[1]])
 
     @route("POST", "/features/vectors")
     def create_feature_vectors(self, request: Request) -> Reply:
@@ -417,12 +373,6 @@ class FakeGate:
                 created.append(feature)
         return Reply(created)
 
-    @route("POST", "/features/vectors/query")
-    def query_feature_vectors(self, request: Request) -> Reply:
-        query = request.json() or {}
-        with self.state.lock:
-            return Reply(dql.run(self.state.features.values(), query))
-
     # ---- models, metrics ---------------------------------------------------------------------
     @route("GET", f"/ml/models/{ID}")
     def get_model(self, request: Request) -> Reply:
@@ -444,12 +394,6 @@ class FakeGate:
             model["updatedAt"] = now_iso()
             return Reply(model)
 
-    @route("POST", "/ml/models/query")
-    def query_models(self, request: Request) -> Reply:
-        query = request.json() or {}
-        with self.state.lock:
-            return Reply(dql.run(self.state.models.values(), query))
-
     @route("POST", "/ml/metrics/publish")
     def publish_metrics(self, request: Request) -> Reply:
         body = request.json()
@@ -457,12 +401,6 @@ class FakeGate:
             for sample in body if isinstance(body, list) else [body]:
                 self.state.metrics.append(copy.deepcopy(sample))
         return Reply(body)
-
-    @route("POST", "/ml/metrics/query")
-    def query_metrics(self, request: Request) -> Reply:
-        query = request.json() or {}
-        with self.state.lock:
-            return Reply(dql.run(self.state.metrics, query, presorted=True))  # in the order sent
 
     @route("POST", f"/ml/models/{ID}/embed")
     def model_embed(self, request: Request) -> Reply:

@@ -42,7 +42,6 @@ class PlatformState:
         self.metrics: list[dict] = []
         self.executions: dict[str, dict] = {}
         self.commands: dict[str, dict] = {}
-        self.services: dict[str, dict] = {}
         self.packages: dict[str, dict] = {}
         self.requests: list[str] = []          # "METHOD /path" of every request, in order
         self.unimplemented: list[str] = []     # requests the fake has no route for
@@ -255,10 +254,3 @@ class PlatformState:
         document["annotations"] = [copy.deepcopy(a) for a in sorted(annotations, key=lambda a: a["id"])]
         document["annotationsCount"] = len(document["annotations"])
         return document
-
-    def snapshot(self) -> str:
-        """The whole state as JSON (for a failing test's message)."""
-        with self.lock:
-            return json.dumps({"items": self.items, "annotations": self.annotations, "models": self.models,
-                               "feature_sets": self.feature_sets, "executions": self.executions},
-                              indent=1, default=str)[:20000]
