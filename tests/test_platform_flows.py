@@ -21,16 +21,9 @@ import torch
 
 from adapters.clip.models import load_model
 from adapters.clip_adapter import ClipAdapter
-from conftest import pattern_image
+from test_platform_contract import WORDS, caption_dataset, png_bytes
 
 CONFIG = {"model_name": "tiny", "device": "cpu", "batch_size": 8, "num_workers": 0}
-WORDS = ("red", "green", "blue", "round", "square", "large", "small", "striped")
-
-
-def png_bytes(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    pattern_image(seed).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -46,18 +39,6 @@ def make_model(platform, project, dataset=None, configuration=None, **kwargs) ->
     record = platform.add_model(project["id"], name, {**CONFIG, **(configuration or {})},
                                 dataset_id=dataset["id"] if dataset else None, subsets=subsets, **kwargs)
     return dl.models.get(model_id=record["id"])
-
-
-def caption_dataset(platform, project, n_train=16, n_val=6):
-    """Images in one dataset; prompt items pointing at them, captioned, tagged train/validation, in another."""
-    images = platform.add_dataset(project["id"], "caption-images")
-    prompts = platform.add_dataset(project["id"], "caption-prompts")
-    for i in range(n_train + n_val):
-        image = platform.add_item(images["id"], f"/img/{i:03d}.png", png_bytes(100 + i), "image/png")
-        caption = f"picture {i}: {WORDS[i % 8]} {WORDS[(i // 8) % 8]}"
-        platform.add_prompt_item(prompts["id"], f"/prompts/{i:03d}.json", image["id"], caption,
-                                 subset="train" if i < n_train else "validation")
-    return prompts
 
 
 def new_pod(model: dl.Model, tmp_path: Path, name: str) -> None:
