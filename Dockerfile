@@ -17,6 +17,7 @@ FROM ${BASE_IMAGE}
 
 # One cache outside HOME for every model's weights, readable by whichever user the agent runs as.
 ENV HF_HOME=/opt/clip-cache/huggingface \
+    CLIP_ADAPTER_ENGINES=/opt/clip-cache/engines \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1
 
@@ -31,6 +32,12 @@ RUN grep -viE '^[[:space:]]*dtlpy([^A-Za-z0-9_.-]|$)' requirements.txt > require
 # Weights of any model `python -m adapters.clip models` lists (or ARCH:TAG), downloaded at build time.
 ARG PREFETCH_MODELS="ViT-B/32"
 COPY adapters/ adapters/
+# Their ONNX exports too (engine `auto`, docs/benchmarks.md): a pod's first load then only times the
+# engines on its own CPU instead of exporting (158 s for ViT-B/32 on the loaded 2-core machine of docs/benchmarks.md).
 RUN ${DL_PYTHON_EXECUTABLE} -m adapters.clip download ${PREFETCH_MODELS} \
+ && for model in ${PREFETCH_MODELS}; do \
+      ${DL_PYTHON_EXECUTABLE} -m adapters.clip embed --text warmup --model "$model" --engine auto --out /tmp/warmup || exit 1; \
+    done \
+ && rm -f /tmp/warmup.npy /tmp/warmup.jsonl \
  && ${DL_PYTHON_EXECUTABLE} -m adapters.clip models \
  && chmod -R a+rwX /opt/clip-cache

@@ -106,3 +106,16 @@ def test_any_models_weights_bake_in_by_build_argument_into_a_cache_any_user_read
 @pytest.mark.parametrize("name", ["ViT-L/14", "RN50", "ViT-B-32:laion2b_s34b_b79k"])
 def test_other_models_are_valid_build_arguments(name):
     parse_model_spec(name)
+
+
+def test_baked_models_are_exported_for_the_cpu_engines_into_the_same_readable_cache():
+    """A pod's first load with engine `auto` reuses the image's ONNX exports instead of exporting."""
+    env = " ".join(args_of("ENV"))
+    engines = re.search(r"CLIP_ADAPTER_ENGINES=(\S+)", env).group(1)
+    cache = re.search(r"HF_HOME=(\S+)", env).group(1)
+    assert Path(engines).parent == Path(cache).parent  # under the folder the final chmod opens to all
+    bake = next(run for run in args_of("RUN") if "adapters.clip download" in run)
+    steps = [step.strip() for step in bake.split("&&")]
+    export = next(i for i, step in enumerate(steps) if "--engine auto" in step)
+    assert 'for model in ${PREFETCH_MODELS}' in steps[export] and '--model "$model"' in steps[export]
+    assert export < len(steps) - 1 and steps[-1].startswith("chmod -R a+rwX")
