@@ -24,7 +24,13 @@ def platform_model(platform: PlatformState, configuration: dict, labels: Optiona
     Its name is unique in the session: load_from_model downloads into $DATALOOP_PATH/models/<name>,
     which outlives a test (and the adapter would load whatever an earlier model left there).
     `fields` go to `PlatformState.add_model` (dataset_id, subsets, service_ids, ...).
+
+    The engine is torch unless the configuration says otherwise: these tests compare the adapter's
+    vectors and metrics with the library's torch ones, and `auto` picks its engine by timing this
+    machine (int8 vectors also move slightly with their batch). Engines: tests/test_engines.py, and
+    test_platform_contract's default-engine test.
     """
+    configuration = {"engine": "torch", **configuration}
     project = next(iter(platform.projects.values()), None) or platform.add_project()
     name = fields.pop("name", f"clip-test-{platform.new_id()[-8:]}")
     record = platform.add_model(project["id"], name, configuration, labels=labels, input_type=input_type,

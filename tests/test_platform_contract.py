@@ -138,6 +138,24 @@ def test_embed_items_puts_vectors_of_the_models_size_on_the_right_items(platform
     assert_vectors_match_reference(platform, feature_set["id"], items, embeddable, tmp_path)
 
 
+
+def test_embed_items_with_the_default_engine_agrees_with_torch(platform, images, tmp_path):
+    """A deployed model's configuration names no engine: `auto` (ONNX Runtime fp32 or int8 when it
+    is faster here, else torch) must put vectors within the agreement it promises on the platform."""
+    dataset, items = images
+    model = make_model(platform, dataset, configuration={"engine": "auto"})
+    adapter = ClipAdapter(model_entity=model)
+    assert adapter.settings.engine == "auto"
+    adapter.embed_items([dl.items.get(item_id=i["id"]) for i in items])
+
+    (feature_set,) = platform.feature_sets.values()
+    vectors = platform.vectors_of(feature_set["id"])
+    assert set(vectors) == {i["id"] for i in items if not i["filename"].endswith(".mp4")}
+    reference = reference_vectors(items, platform, tmp_path)
+    for item_id, vector in vectors.items():
+        assert len(vector) == feature_set["size"] == adapter.clip.dim
+        assert float(np.dot(vector, reference[item_id])) >= 0.999
+
 def test_embed_dataset_fans_out_into_executions_that_cover_every_item_once(platform, images, tmp_path):
     """dtlpy splits the dataset into id ranges of at most `predict_embed_subset_limit` items, one
     execution each (models.embed), and waits for them; the fake runs each on a fresh replica."""
