@@ -41,7 +41,8 @@ from adapters.clip.ann import AnnIndex, refresh_ann  # noqa: E402
 from adapters.clip.exact import exact_search_batch  # noqa: E402
 from adapters.clip.search import Searcher  # noqa: E402
 from adapters.clip.indexing import IndexOptions, index  # noqa: E402
-from adapters.clip.store import DB_FILE, ROWS_FILE, VECTORS_FILE, ModelBinding, Store  # noqa: E402
+from adapters.clip.matrix import ROWS_FILE, VECTORS_FILE  # noqa: E402
+from adapters.clip.store import DB_FILE, ModelBinding, Store  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Search (`bench/search_bench.py`)"
@@ -287,7 +288,7 @@ def snapshot_dir(store_root: Path) -> Path:
 
 
 def _snapshot_of(x: np.ndarray):
-    from adapters.clip.store import MatrixSnapshot, MatrixState
+    from adapters.clip.matrix import MatrixSnapshot, MatrixState
     return MatrixSnapshot(x, np.arange(1, len(x) + 1, dtype=np.int64), MatrixState(0, 0, len(x), x.shape[1]))
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from adapters.clip.cli import main
 from adapters.clip.search import Filters, Searcher
-from adapters.clip.store import Condition, ModelBinding, Store, typed_value
+from adapters.clip.filters import Condition, typed_value
+from adapters.clip.store import ModelBinding, Store
 from conftest import pattern_image
 
 DIM = 8

@@ -28,7 +28,8 @@ from adapters.clip.errors import InputError, ModelMismatchError, StoreError
 from adapters.clip.models import load_model, save_checkpoint
 from adapters.clip.search import Searcher
 from adapters.clip.indexing import IndexOptions, index, reindex
-from adapters.clip.store import CURRENT, DB_FILE, MATRIX_STATE, ROWS_FILE, VECTORS_FILE, ModelBinding, Store
+from adapters.clip.matrix import MATRIX_STATE, ROWS_FILE, VECTORS_FILE
+from adapters.clip.store import CURRENT, DB_FILE, ModelBinding, Store
 from conftest import ROOT, pattern_image
 
 QUIET = dict(show_progress=False, ann="off")

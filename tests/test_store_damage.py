@@ -19,7 +19,8 @@ from adapters.clip.errors import StoreError
 from adapters.clip.indexing import IndexOptions, index, reindex
 from adapters.clip.integrity import check_store
 from adapters.clip.search import Searcher
-from adapters.clip.store import CURRENT, DB_FILE, ROWS_FILE, VECTORS_FILE, Store
+from adapters.clip.matrix import ROWS_FILE, VECTORS_FILE
+from adapters.clip.store import CURRENT, DB_FILE, Store
 from conftest import pattern_image
 
 QUIET = dict(show_progress=False, ann="off")

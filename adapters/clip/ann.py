@@ -22,7 +22,8 @@ import numpy as np
 from .errors import InputError
 from .exact import exact_search_batch
 from .files import write_json_atomic
-from .store import MatrixSnapshot, Store
+from .matrix import MatrixSnapshot
+from .store import Store
 
 log = logging.getLogger(__name__)
 

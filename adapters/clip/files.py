@@ -44,6 +44,18 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
+# fdatasync is missing on macOS, pwrite on Windows: same durability through the portable calls.
+datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def pwrite(fd: int, data: bytes, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        os.pwrite(fd, data, offset)
+    else:  # pragma: no cover - Windows
+        os.lseek(fd, offset, os.SEEK_SET)
+        os.write(fd, data)
+
+
 def _sibling(path: Path) -> Path:
     """A temp name beside `path`, unique per process and thread, with the same suffix (savefig needs it)."""
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")

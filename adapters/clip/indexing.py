@@ -27,8 +27,8 @@ from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
 from .faults import faultpoint
 from .store import (CHUNK_ROWS, CURRENT, DB_FILE, REINDEX_PREFIX, FileStat, ItemRecord, ModelBinding, Store,
-                    Transaction, next_data_dir, remove_temp_files, settle_layout, sqlite_errors, typed_metadata,
-                    writer_lock)
+                    Transaction, next_data_dir, remove_temp_files, settle_layout, sqlite_errors, writer_lock)
+from .filters import typed_metadata
 from .photos import photo_metadata
 
 if TYPE_CHECKING:

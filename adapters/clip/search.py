@@ -25,7 +25,9 @@ from .ann import ANN_THRESHOLD, AnnIndex, ann_state
 from .errors import InputError
 from .exact import exact_search, top_k
 from .images import IMAGE_SUFFIXES
-from .store import Condition, MatrixSnapshot, Store
+from .filters import Condition
+from .matrix import MatrixSnapshot
+from .store import Store
 
 if TYPE_CHECKING:
     from .embed import Embedder

@@ -1,0 +1,105 @@
+"""Metadata filters (the SQL half of search filters) and the typing of metadata values they compare.
+
+`Condition` is one `key OP value` on an item's metadata JSON; store.py turns a list of them into
+a WHERE clause, search.py parses them from `--where`. Numbers written as text are typed here so
+that `year>=2020` compares numerically whatever the stored type.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import InputError
+
+_WHERE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
+_SQL_OPS = {"=": "=", "!=": "!=", ">=": ">=", "<=": "<=", ">": ">", "<": "<", "~": "GLOB"}
+# Text that is a number and nothing else: "2019", "-3.5", "1e6"; not "007" (an id keeps its zeros), "NaN", "1,5".
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+NUMBER_SQL_FUNCTION = "clip_number"
+
+
+def typed_value(value: Any) -> Any:
+    """Numbers written as text (a CSV column, a JSON string, `--meta year=2019`) become numbers."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            if not any(c in text for c in ".eE"):
+                return int(text)
+            number = float(text)
+            return number if math.isfinite(number) else value
+        return value
+    if isinstance(value, dict):
+        return {key: typed_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed_value(item) for item in value]
+    return value
+
+
+def typed_metadata(metadata: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return typed_value(dict(metadata or {}))
+
+
+def _sql_number(value: Any) -> Optional[float]:
+    """SQL `clip_number(x)`: x as a number when it is one (or text that is one), else NULL.
+
+    Stores written before metadata was typed hold CSV numbers as text; SQLite orders any text
+    above any number, so `year>=2020` compared them wrongly. Comparing through this function
+    makes the comparison numeric whenever both sides are numbers, whatever the stored type.
+    """
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        typed = typed_value(value)
+        return typed if isinstance(typed, (int, float)) else None
+    return None
+
+
+def register_sql_functions(conn: sqlite3.Connection) -> None:
+    conn.create_function(NUMBER_SQL_FUNCTION, 1, _sql_number, deterministic=True)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`key OP value` on an item's metadata JSON; `~` is a glob (`camera~Canon*`).
+
+    A number (`year>=2020`, `year="2019"`) compares numerically with numbers stored as numbers or
+    as text; any other value compares as text.
+    """
+
+    key: str
+    op: str
+    value: Any
+
+    @classmethod
+    def parse(cls, text: str) -> "Condition":
+        match = _WHERE.match(text)
+        if not match:
+            raise InputError(f"cannot read the condition {text!r}; write KEY=VALUE, KEY!=VALUE, KEY>N, KEY<=N "
+                             f"or KEY~GLOB (nested keys with dots: exif.camera=Canon)")
+        key, op, raw = match.groups()
+        value: Any = raw
+        if op != "~":
+            with contextlib.suppress(ValueError):
+                value = json.loads(raw)
+            value = typed_value(value)
+        if isinstance(value, (dict, list)):
+            value = raw
+        return cls(key, op, value)
+
+    @property
+    def json_path(self) -> str:
+        return "$" + "".join(f'."{part}"' for part in self.key.split("."))
+
+    def sql(self) -> tuple[str, list[Any]]:
+        json_path = self.json_path
+        if self.value is None:
+            return f"json_extract(metadata, ?) IS {'NOT ' if self.op == '!=' else ''}NULL", [json_path]
+        value = int(self.value) if isinstance(self.value, bool) else self.value
+        if isinstance(value, (int, float)) and self.op != "~":
+            return f"{NUMBER_SQL_FUNCTION}(json_extract(metadata, ?)) {_SQL_OPS[self.op]} ?", [json_path, value]
+        return f"json_extract(metadata, ?) {_SQL_OPS[self.op]} ?", [json_path, value]
