@@ -18,8 +18,43 @@ MANIFEST = json.loads((Path(__file__).parents[1] / "dataloop.json").read_text())
 
 def test_parses_with_dtlpy():
     dpk = dl.Dpk.from_json(copy.deepcopy(MANIFEST), client_api=dl.client_api)  # it fills in defaults
-    assert dpk.name == "clip-model-adapter"
+    assert dpk.name == "clip-model-pretrained"
     assert len(dpk.components.models) == len(OPENAI_MODELS)
+
+
+# The earlier CLIP app, dataloop-ai-apps/clip-model-adapter dataloop.json (1.0.7, read through the
+# search tool): what marketplace apps and Dataloop's CLIP tutorial look up by name.
+EARLIER_APP = {"name": "clip-model-pretrained", "displayName": "OpenAI CLIP", "module": "clip-module",
+               "className": "ClipAdapter", "model": "openai-clip", "computeConfigs": {"clip-cpu", "clip-train"}}
+EARLIER_FUNCTIONS = {  # name -> ([(input name, type)], [(output name, type)])
+    "train_model": ([("model", "Model")], [("model", "Model")]),
+    "embed_items": ([("items", "Item[]")], [("items", "Item[]"), ("json", "Json")]),
+    "embed_dataset": ([("dataset", "Dataset"), ("filters", "Json")], []),
+}
+
+
+def test_it_is_the_next_version_of_the_earlier_clip_app():
+    """clip-smart-search (features/extract_features.py) gets dpk `clip-model-pretrained`, the app by
+    its displayName, and clones model `openai-clip` or the dpk's first model (moduleName
+    `clip-module`, outputType `embedding`); `dl.models.create(dpk_model_name=...)` fails on a name
+    the dpk does not have."""
+    assert MANIFEST["name"] == EARLIER_APP["name"] and MANIFEST["displayName"] == EARLIER_APP["displayName"]
+    assert [m["name"] for m in MANIFEST["components"]["modules"]] == [EARLIER_APP["module"]]
+    assert MODULE["className"] == EARLIER_APP["className"]
+    first = MANIFEST["components"]["models"][0]
+    assert first["name"] == EARLIER_APP["model"] and first["configuration"]["model_name"] == "ViT-B/32"
+    assert first["moduleName"] == EARLIER_APP["module"] and first["outputType"] == "embedding"
+    assert EARLIER_APP["computeConfigs"] <= set(CONFIGS)
+    names = [m["name"] for m in MANIFEST["components"]["models"]]
+    assert len(set(names)) == len(names)
+    assert all(name == "openai-clip" or name.startswith("openai-clip-") for name in names)
+
+
+@pytest.mark.parametrize("name", sorted(EARLIER_FUNCTIONS))
+def test_the_earlier_apps_functions_keep_their_inputs_and_outputs(name):
+    inputs, outputs = EARLIER_FUNCTIONS[name]
+    assert [(i["name"], i["type"]) for i in FUNCTIONS[name]["input"]] == inputs
+    assert [(o["name"], o["type"]) for o in FUNCTIONS[name]["output"]] == outputs
 
 
 MODULE = MANIFEST["components"]["modules"][0]

@@ -138,14 +138,14 @@ class PlatformState:
             self.add_annotation(item["id"], "text", "free-text", caption, {"system": {"promptId": "1"}})
         return item
 
-    def add_package(self, project_id: str, name: str = "clip-model-adapter") -> dict:
+    def add_package(self, project_id: str, name: str = "clip-model-pretrained") -> dict:
         """The model's package (the app's code); older dtlpy fetches it whenever a model is set on an adapter."""
         with self.lock:
             package_id = self.new_id()
             package = {"id": package_id, "name": name, "projectId": project_id, "type": "ml", "version": "1.0.0",
                        "creator": self.user["email"], "createdAt": now_iso(), "updatedAt": now_iso(),
                        "codebase": {"type": "git", "gitUrl": "https://example.invalid/clip.git", "gitTag": "0.0.0"},
-                       "modules": [{"name": "model-adapter", "entryPoint": "adapters/clip_adapter.py",
+                       "modules": [{"name": "clip-module", "entryPoint": "adapters/clip_adapter.py",
                                     "className": "ClipAdapter", "functions": []}],
                        "requirements": [], "metadata": {}, "url": f"{self.base_url}/packages/{package_id}"}
             self.packages[package_id] = package
@@ -168,7 +168,7 @@ class PlatformState:
                      "inputType": input_type, "outputType": output_type, "labels": list(labels or []),
                      "tags": [], "description": None, "scope": "project", "version": "1.0.0",
                      "context": {"project": project_id, "creator": self.user["email"]},
-                     "createdAt": now_iso(), "updatedAt": now_iso(), "moduleName": "model-adapter",
+                     "createdAt": now_iso(), "updatedAt": now_iso(), "moduleName": "clip-module",
                      "url": f"{self.base_url}/ml/models/{model_id}", "statusLogs": []}
             self.models[model_id] = model
             return model
