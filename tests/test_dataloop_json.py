@@ -11,7 +11,7 @@ from dtlpy.ml.base_model_adapter import PREDICT_EMBED_DEFAULT_TIMEOUT
 
 from adapters.clip.config import ClipConfig
 from adapters.clip.models import OPENAI_MODELS, parse_model_spec
-from adapters.clip_adapter import ClipAdapter
+from adapters.clip_adapter import DTLPY_KEYS, ClipAdapter
 
 MANIFEST = json.loads((Path(__file__).parents[1] / "dataloop.json").read_text())
 
@@ -62,8 +62,6 @@ FUNCTIONS = {f["name"]: f for f in MODULE["functions"]}
 CONFIGS = {c["name"]: c for c in MANIFEST["components"]["computeConfigs"]}
 # Every flow dtlpy's BaseModelAdapter offers a model service (each carries dtlpy's own declaration).
 MODEL_FLOWS = ["embed_items", "embed_dataset", "predict_items", "predict_dataset", "train_model", "evaluate_model"]
-DATASET_LEVEL = ["embed_dataset", "predict_dataset"]  # the fan-out: a parent waits for its subsets
-ITEM_LEVEL = ["embed_items", "predict_items"]         # what a query typed in the UI calls
 
 
 def config_of(function: str) -> dict:
@@ -94,38 +92,84 @@ def test_each_function_takes_the_inputs_dtlpy_declares_for_it(name):
     assert ours["displayName"] and ours["description"]
 
 
-def test_a_dataset_parent_outlives_dtlpys_wait_for_its_subsets_without_holding_the_only_slot():
-    """dtlpy's _execute_dataset_operation splits a dataset into executions of
-    predict_embed_subset_limit items and waits for them up to predict_embed_timeout (24 h).
-    The parent runs on the dataset functions' config; dtlpy posts the subset executions to the
-    model's first deployed service (the module's config), so that one must outlive the wait too."""
-    waits = [PREDICT_EMBED_DEFAULT_TIMEOUT] + [m["configuration"].get("predict_embed_timeout", 0)
-                                               for m in MANIFEST["components"]["models"]]
-    may_run_a_parent = {config_of(name)["name"] for name in DATASET_LEVEL} | {MODULE["computeConfig"]}
-    for name in may_run_a_parent:
-        config = CONFIGS[name]
-        assert config["executionTimeout"] >= max(waits) + 3600, name  # the wait, plus the parent's own subset
-        assert config["runtime"]["concurrency"] >= 2, name  # a waiting parent leaves room for its subsets
-        assert config["runtime"]["autoscaler"]["maxReplicas"] >= 2, name
-        assert "gpu" not in config["runtime"]["podType"], name
+# ---- compute configs by call length (docs/platform.md) ------------------------------------
+INTERACTIVE, DATASET, TRAINING = "interactive", "dataset", "training"
+# Every function the manifest declares, by how long a call may take. A function missing here fails
+# test_every_function_has_a_call_length: add it with its class (its config is then checked).
+CALL_LENGTH = {
+    "embed_items": INTERACTIVE, "predict_items": INTERACTIVE, "search_dataset": INTERACTIVE,
+    "embed_dataset": DATASET, "predict_dataset": DATASET, "find_duplicates": DATASET, "sample_diverse": DATASET,
+    "train_model": TRAINING, "evaluate_model": TRAINING,
+}
+# Seconds per item of one execution slot on a regular-m replica with all 10 slots busy: 4 vCPUs at
+# the lighter-load rate of docs/platform.md (bench/embed_bench.py: 12.1 img/s on 2 cores) shared by
+# 10 executions. A subset must finish within the interactive timeout with this margin.
+SECONDS_PER_ITEM_PER_SLOT, SUBSET_MARGIN = 10 / (2 * 12.1), 4
 
 
-def test_interactive_calls_do_not_queue_behind_a_dataset_job():
-    dataset_configs = {config_of(name)["name"] for name in DATASET_LEVEL}
-    for name in ITEM_LEVEL:
-        config = config_of(name)
-        assert config["name"] not in dataset_configs, name
-        assert config["runtime"]["concurrency"] >= 10, name  # as the earlier CLIP app's search service
-        assert "gpu" not in config["runtime"]["podType"], name
+def test_every_function_has_a_call_length():
+    assert set(FUNCTIONS) <= set(CALL_LENGTH), f"add {sorted(set(FUNCTIONS) - set(CALL_LENGTH))} to CALL_LENGTH"
 
 
-def test_training_and_evaluation_run_on_a_gpu_for_a_day_or_more():
-    for name in ("train_model", "evaluate_model"):
-        config = config_of(name)
-        assert "gpu" in config["runtime"]["podType"], name
-        # evaluate_model predicts over the whole dataset in its own execution before scoring it.
-        assert config["executionTimeout"] >= PREDICT_EMBED_DEFAULT_TIMEOUT, name
-        assert config["runtime"].get("preemptible") is False, name
+def dataset_waits() -> list[int]:
+    """How long dtlpy's _execute_dataset_operation waits for a dataset's subsets (default and per model)."""
+    return [PREDICT_EMBED_DEFAULT_TIMEOUT] + [m["configuration"].get("predict_embed_timeout", 0)
+                                              for m in MANIFEST["components"]["models"]]
+
+
+def check_interactive(config: dict) -> None:
+    """A few items: minutes at most (the earlier app: executionTimeout 60 s, drainTime 10 s; measured
+    here, bench/interactive_bench.py: 16 photos in 13 s on the loaded 2-core machine), a drain that
+    does not hold a pod for long, a killed call run again (embedding is idempotent), 10 slots."""
+    assert 60 <= config["executionTimeout"] <= 15 * 60
+    assert config["drainTime"] <= 60
+    assert config.get("onReset") == "rerun"
+    assert config["runtime"]["concurrency"] >= 10  # clip-smart-search's embed_items service; test_concurrency.py
+    assert "gpu" not in config["runtime"]["podType"]
+
+
+def check_dataset(config: dict) -> None:
+    """A dataset parent waits for its subsets (24 h by default), then needs its own time; it holds
+    one slot of several while it waits."""
+    assert config["executionTimeout"] >= max(dataset_waits()) + 3600
+    assert config["runtime"]["concurrency"] >= 2
+    assert config["runtime"]["autoscaler"]["maxReplicas"] >= 2
+    assert "gpu" not in config["runtime"]["podType"]
+
+
+def check_training(config: dict) -> None:
+    """evaluate_model predicts over the whole dataset in its own execution before scoring it."""
+    assert "gpu" in config["runtime"]["podType"]
+    assert config["executionTimeout"] >= PREDICT_EMBED_DEFAULT_TIMEOUT
+    assert config["runtime"].get("preemptible") is False
+
+
+CHECKS = {INTERACTIVE: check_interactive, DATASET: check_dataset, TRAINING: check_training}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_each_function_runs_on_a_config_for_its_call_length(name):
+    CHECKS[CALL_LENGTH[name]](config_of(name))
+
+
+def test_no_config_serves_two_call_lengths():
+    """An interactive call never queues behind a dataset job or a training on the same config."""
+    classes: dict[str, set] = {}
+    for name in FUNCTIONS:
+        classes.setdefault(config_of(name)["name"], set()).add(CALL_LENGTH[name])
+    assert all(len(found) == 1 for found in classes.values()), classes
+
+
+def test_the_model_service_is_the_interactive_config_and_a_subset_fits_its_timeout():
+    """`model.embed(item_ids=...)` (clip-smart-search) and the subsets of a dataset fan-out are both
+    posted to the model's first deployed service (dtlpy repositories/models.py: `config.serviceId =
+    metadata.system.deploy.services[0]`), the module's config. So the module's config is the
+    interactive one, and every model splits a dataset into subsets small enough for its timeout."""
+    module_config = CONFIGS[MODULE["computeConfig"]]
+    check_interactive(module_config)
+    for model in MANIFEST["components"]["models"]:
+        subset = model["configuration"]["predict_embed_subset_limit"]
+        assert subset * SECONDS_PER_ITEM_PER_SLOT * SUBSET_MARGIN <= module_config["executionTimeout"], model["name"]
 
 
 def test_every_compute_config_autoscales_from_zero_on_the_queue():
@@ -151,7 +195,7 @@ def test_default_model_is_vit_b32_first():
 
 @pytest.mark.parametrize("model", MANIFEST["components"]["models"], ids=lambda m: m["name"])
 def test_each_model_configuration_validates_and_has_the_real_embeddings_size(model):
-    config = ClipConfig.from_dict(model["configuration"])
+    config = ClipConfig.from_dict({k: v for k, v in model["configuration"].items() if k not in DTLPY_KEYS})
     arch = parse_model_spec(config.model_name).arch
     assert config.embeddings_size == open_clip.get_model_config(arch)["embed_dim"]
     assert model["outputType"] == "embedding" and model["moduleName"] == "clip-module"
