@@ -19,7 +19,7 @@ from .engines import ENGINES
 from .errors import DISK_FULL_HINT, ClipAdapterError, WeightsUnavailableError, describe_os_error
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES
-from .progress import progress_bar
+from .progress import elapsed, progress_bar, restart_clock, say
 
 if TYPE_CHECKING:  # annotations only: search pulls in numpy and the store
     from .search import Hit
@@ -63,6 +63,49 @@ def add_engine_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="inference engine: auto (measured on this CPU at first use, cached), torch, "
                              "onnxruntime[-int8], openvino[-bf16] (default auto; GPUs use torch)")
+
+
+# A model's first use on a CPU (ONNX export + `auto`'s timing) took 95 s for ViT-B/32 (151 M parameters) on
+# this project's 2-core machine (`index --model ViT-B/32:random` on a fresh engine cache): ~0.6 s per M.
+FIRST_USE_SECONDS_PER_MPARAM = 0.6
+
+
+def load_for_inference(name: str, device: str, engine: str):
+    """`load_model` + `attach_engine`, saying what happens when this is the model's slow first use here.
+
+    The first line comes before torch is imported (that alone takes seconds on a busy machine).
+    """
+    first_use = engine != "torch" and device in ("auto", "cpu") and not _prepared_here(name, engine)
+    if first_use:
+        say(f"loading {name}: its first use on this machine, so it is also exported to ONNX"
+            + (" and the engines are timed" if engine == "auto" else "") + " once, to run faster from now on")
+    from .models import load_model
+    from .onnx_export import attach_engine
+
+    clip = load_model(name, device=device)
+    if first_use and clip.device.type == "cpu":
+        params = sum(p.numel() for p in clip.model.parameters()) / 1e6
+        seconds = 5 + FIRST_USE_SECONDS_PER_MPARAM * params
+        say(f"{name} loaded ({params:.0f} M parameters); preparing it takes roughly "
+            f"{_duration(seconds)} on a 2-core CPU (less on a faster one; `--engine torch` skips it)")
+    return attach_engine(clip, engine, progress=say if first_use else None)
+
+
+def _prepared_here(name: str, engine: str) -> bool:
+    """Whether an export of `name` (and, for auto, a timing on this CPU) is cached: read without torch."""
+    from .engines import AUTO, EXPORT_INFO, engine_root_for, read_choice, read_export_info
+    root = engine_root_for(name)
+    for info_file in root.glob(f"*/{EXPORT_INFO}") if root.is_dir() else ():
+        info = read_export_info(info_file.parent)
+        if info and info.get("model") == name and (engine != AUTO or read_choice(info_file.parent)):
+            return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{10 * round(seconds / 10) or 5:.0f} s"
+    return f"{round(seconds / 60)} min"
 
 
 def positive_int(text: str) -> int:
@@ -146,13 +189,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .embed import Embedder
-    from .onnx_export import attach_engine
-    from .models import load_model
 
     if not args.paths and not args.text:
         raise UsageError("nothing to embed: give image paths or folders, or --text")
     images = expand_paths(args.paths)
-    clip = attach_engine(load_model(args.model, device=args.device), args.engine)
+    clip = load_for_inference(args.model, args.device, args.engine)
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     rows, parts = [], []
     with progress_bar(len(images) + len(args.text), "embedding") as bar:
@@ -276,9 +317,7 @@ def add_index(sub) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .embed import Embedder
-    from .onnx_export import attach_engine
-    from .models import DEFAULT_MODEL, load_model
+    from .config import DEFAULT_MODEL
     from .indexing import IndexOptions, index, reindex
 
     root = _store_root(args)
@@ -290,9 +329,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
                            batch_size=args.batch_size, ann=args.ann, allow_empty_root=args.allow_empty_root)
-    clip = attach_engine(load_model(model, device=args.device), args.engine)
+    clip = load_for_inference(model, args.device, args.engine)
+    from .embed import Embedder
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     summary = (reindex if args.reindex else index)(root, embedder, paths, options)
+    summary.seconds = elapsed()  # the whole command: loading (and a first use's export) included
     for path, reason in summary.failures[:MAX_LISTED_FAILURES]:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if len(summary.failures) > MAX_LISTED_FAILURES:
@@ -463,16 +504,13 @@ def add_classify(sub) -> None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from .classify import DEFAULT_TEMPLATES, ZeroShotClassifier
     from .embed import Embedder
-    from .onnx_export import attach_engine
-    from .models import load_model
 
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
     images = expand_paths(args.images)
     if not images:
         raise UsageError("no images found in the given folders")
-    embedder = Embedder(attach_engine(load_model(args.model, device=args.device), args.engine),
-                        batch_size=args.batch_size)
+    embedder = Embedder(load_for_inference(args.model, args.device, args.engine), batch_size=args.batch_size)
     classifier = ZeroShotClassifier(embedder, args.labels, args.template or DEFAULT_TEMPLATES)
     results = classifier.classify(images, top_k=args.top_k)
     rows = [{"path": str(path), "labels": [{"label": s.label, "score": round(s.score, 6)} for s in r.labels],
@@ -611,8 +649,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ClipConfig
     from .manifests import load_pairs
     from .evaluate import EvalData, evaluate_pairs
-    from .onnx_export import attach_engine
-    from .models import load_model
 
     if not args.models:
         raise UsageError("give at least one --model (repeat --model to compare models)")
@@ -632,7 +668,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     for position, name in enumerate(models):
         failed: list = []
-        clip = attach_engine(load_model(name, device=args.device), args.engine)
+        clip = load_for_inference(name, args.device, args.engine)
         column = name if name not in results else f"{name} #{position + 1}"
         results[column] = evaluate_pairs(clip, data, batch_size=args.batch_size, templates=templates,
                                        num_workers=args.workers, on_problem=failed.append, show_progress=True)
@@ -773,12 +809,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    restart_clock()
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(lambda: args.handler(args), f"{parser.prog} {args.command}", verbose=args.verbose)
+    return run_command(lambda: args.handler(args), f"{parser.prog} {args.command}", verbose=args.verbose,
+                       interrupted=INTERRUPTED.get(args.command, "").format(**vars(args)))
 
 
-def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False) -> int:
+# What a Ctrl-C leaves behind, and how to carry on, per command.
+INTERRUPTED = {
+    "index": "the batches committed so far are kept (`check` proves it); rerun the same command to carry on "
+             "from there (a model's ONNX export or timing that was cut short starts again)",
+    "train": "the epochs finished so far are kept in the run folder; continue with `train --out {out} --resume`",
+    "embed": "nothing was written (the outputs are written at the end); rerun the command",
+    "prepare": "no manifest was written; rerun the command",
+    "convert": "no manifest was written; rerun the command",
+    "download": "a partial download is not used; rerun the command to fetch the weights again",
+}
+
+
+def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False, interrupted: str = "") -> int:
     """Run one command as the edge of the library: logging set up, errors made one line.
 
     Also the edge of app-level commands (the demo, `python -m adapters.demo`), so they read the same.
@@ -810,5 +860,5 @@ def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False)
               file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted after {elapsed():.1f} s" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
         return 130

@@ -281,8 +281,13 @@ def _interleaved_seconds(runs: dict[str, Callable[[], object]], timer: Timer) ->
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wall_clock) -> "ClipModel":
-    """Give `clip` the requested engine; on any failure keep torch with one warning."""
+def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wall_clock,
+                  progress: Optional[Callable[[str], None]] = None) -> "ClipModel":
+    """Give `clip` the requested engine; on any failure keep torch with one warning.
+
+    `progress` hears of the slow first-use steps (the export, `auto`'s measurement) as they start.
+    """
+    say = progress or (lambda message: None)
     check_engine_name(requested)
     clip.use_torch()
     if requested == TORCH:
@@ -293,9 +298,16 @@ def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wa
                         clip.device.type)
         return clip
     try:
+        if read_export_info(export_dir(clip.name, clip.fingerprint)) is None:
+            say(f"exporting {clip.name}'s image and text towers to ONNX (once per model) ...")
         directory = export_towers(clip)
         if requested == AUTO:
-            choice = read_choice(directory) or choose_engine(clip, directory, timer=timer)
+            choice = read_choice(directory)
+            if choice is None:
+                say(f"timing {', '.join(candidate_names())} on {PROBE_ITEMS} probe images to pick the fastest "
+                    f"engine (once per model and CPU) ...")
+                choice = choose_engine(clip, directory, timer=timer)
+                say(f"engine: {describe_choice(choice)}")
             log.info("engine auto for %s on this CPU: %s", clip.name, describe_choice(choice))
             if choice["engine"] == TORCH:
                 return clip
