@@ -8,13 +8,50 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import dtlpy as dl
-from dtlpy.ml.base_model_adapter import AdapterDefaults
+
+# The dtlpy this app needs. On the platform the agent's own dtlpy runs this file (requirements.txt
+# names none, so starting a service never replaces it); here is where an older one is told apart.
+DTLPY_MINIMUM = "1.118.12"  # every model flow works (docs/platform-tests.md); requirements-dev.txt, CI
+DTLPY_FLOOR = "1.93.11"     # the first with dtlpy.ml.base_model_adapter.AdapterDefaults: below it, no import
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def dtlpy_problem(version: str) -> Optional[str]:
+    """One line saying what this app needs from the dtlpy `version`, or None when it has it."""
+    if _release(version) >= _release(DTLPY_MINIMUM):
+        return None
+    if _release(version) < _release(DTLPY_FLOOR):
+        return (f"CLIP adapter: needs dtlpy>={DTLPY_MINIMUM}, found {version}, which cannot load it "
+                f"(no AdapterDefaults before {DTLPY_FLOOR}); run the service on a newer dtlpy")
+    return (f"CLIP adapter: needs dtlpy>={DTLPY_MINIMUM}, found {version}: embedding and predicting work, "
+            "training does not (captions dropped up to 1.110, prepare_data fails in 1.114-1.117, no resume "
+            "after a lost pod before 1.118); run the service on a newer dtlpy")
+
+
+def _check_dtlpy(version: str) -> None:
+    """At import: too old to load is an ImportError; too old to train is one warning line (a service
+    that embeds must not go down over it)."""
+    problem = dtlpy_problem(version)
+    if problem is not None and _release(version) < _release(DTLPY_FLOOR):
+        raise ImportError(problem)
+    if problem is not None:
+        logging.getLogger("clip-adapter").warning(problem)
+
+
+_check_dtlpy(dl.__version__)
+
+from dtlpy.ml.base_model_adapter import AdapterDefaults  # noqa: E402
 
 # Dataloop's runner loads this file by path (dataloop.json entryPoint); make the package importable.
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
