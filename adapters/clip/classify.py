@@ -7,12 +7,13 @@ logit scale, as in CLIP's zero-shot evaluation, so they are comparable across mo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:
     from .embed import Embedder
@@ -61,7 +62,11 @@ def logit_scale_of(clip: "ClipModel") -> float:
     scale = getattr(clip.model, "logit_scale", None)
     if scale is None:
         return MAX_LOGIT_SCALE
-    return float(min(float(scale.detach().exp().reshape(-1)[0]), MAX_LOGIT_SCALE))
+    value = float(scale.detach().exp().reshape(-1)[0])
+    if math.isnan(value):  # min() would pass NaN through, and every probability with it
+        raise ModelLoadError(f"{clip.name}: its logit_scale weight is NaN: the checkpoint is broken and "
+                             f"cannot score labels")
+    return float(min(value, MAX_LOGIT_SCALE))
 
 
 def softmax_probabilities(image_vectors: np.ndarray, class_vectors: np.ndarray, logit_scale: float) -> np.ndarray:
@@ -116,5 +121,8 @@ class ZeroShotClassifier:
         if len(good):
             probabilities = self.probabilities(embeddings.vectors[good])
             for row, index in enumerate(good):
-                results[index].labels = self.top(probabilities[row], top_k)
+                if np.isfinite(probabilities[row]).all():
+                    results[index].labels = self.top(probabilities[row], top_k)
+                else:  # never a NaN score reported as a label
+                    results[index].error = "the label scores came out NaN or infinite (a broken model?)"
         return results

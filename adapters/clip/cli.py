@@ -48,8 +48,9 @@ def expand_paths(paths: Iterable[str], suffixes: frozenset[str] = IMAGE_SUFFIXES
 
 
 def print_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
-    sys.stdout.write("\n")
+    """Strict JSON on stdout: a NaN or infinite number is null, never the non-JSON literal NaN."""
+    from .files import strict_json
+    sys.stdout.write(strict_json(data, indent=2) + "\n")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str = "ViT-B/32") -> None:
@@ -189,6 +190,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .embed import Embedder
+    from .files import strict_json
 
     if not args.paths and not args.text:
         raise UsageError("nothing to embed: give image paths or folders, or --text")
@@ -210,7 +212,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), vectors)
     with open(out.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fh.writelines(strict_json(row) + "\n" for row in rows)
     failed = [r for r in rows if r["error"]]
     for row in failed:
         print(f"skipped {row['id']}: {row['error']} (its row {row['index']} is NaN)", file=sys.stderr)

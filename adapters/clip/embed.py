@@ -5,7 +5,8 @@ batch (PIL and torch release the GIL for the heavy parts), so the model rarely w
 Streaming forms (`iter_images`, `iter_texts`) keep memory constant for any input length.
 
 A failed item gets a NaN row and a reason in `errors`; it never fails the batch and never
-gets a plausible-looking vector.
+gets a plausible-looking vector. A vector the model returns with NaN or inf in it is such a
+failure too, with its reason.
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ class Embedder:
         if good:
             tokens = self.clip.tokenizer([texts[i].strip() for i in good])
             vectors[good] = self.clip.encode_tokens(tokens)
+            refuse_non_finite(vectors, good, errors)
         return Embeddings(vectors, errors, offset)
 
     # ---- images --------------------------------------------------------------------------
@@ -185,6 +187,7 @@ class Embedder:
             import torch
             pixels = torch.stack([chunk[i].tensor for i in good])  # (B, 3, H, W)
             vectors[good] = self.clip.encode_images(pixels)
+            refuse_non_finite(vectors, good, errors)
         return Embeddings(vectors, errors, offset)
 
     def prepare(self, source: ImageSource) -> Prepared:
@@ -225,6 +228,19 @@ def numpy_preprocess(preprocess: Callable) -> Callable[[Image.Image], torch.Tens
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
 
     return to_pixels
+
+
+NON_FINITE = ("the model gave a vector with NaN or infinite values (its weights or its preprocessing are "
+              "broken: a NaN weight, preprocess std 0?)")
+
+
+def refuse_non_finite(vectors: np.ndarray, rows: Sequence[int], errors: dict[int, str]) -> None:
+    """Rows of `vectors` among `rows` that hold NaN or inf become failures with a reason (and NaN rows):
+    a broken model's output is never passed on as a vector."""
+    bad = [i for i in rows if not np.isfinite(vectors[i]).all()]
+    for i in bad:
+        errors[i] = NON_FINITE
+        vectors[i] = np.nan
 
 
 def text_problem(text: object) -> Optional[str]:

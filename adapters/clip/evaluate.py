@@ -199,7 +199,11 @@ def embed_eval_images(clip, data: EvalData, *, batch_size: int = 64, num_workers
     for lo in range(0, len(pixels), batch_size):
         parts.append(clip.encode_images(pixels[lo:lo + batch_size]))
     if parts:
+        from .embed import refuse_non_finite
+
         vectors[good] = np.concatenate(parts)
+        failures = dict(failures)  # the cached pixels' failures stay as they were
+        refuse_non_finite(vectors, good, failures)
     return vectors, failures
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -84,7 +85,26 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str))
+    write_text_atomic(path, strict_json(data, indent=indent))
+
+
+def strict_json(data: Any, **options: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (which json.dumps writes as the non-JSON
+    literals NaN/Infinity) become null; anything else unknown is written as its str()."""
+    options = {"ensure_ascii": False, "default": str, **options}
+    return json.dumps(_finite(data), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _finite(value.tolist())
+    return value
 
 
 @contextlib.contextmanager

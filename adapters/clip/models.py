@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .errors import CheckpointError, ModelLoadError, WeightsUnavailableError
 from .files import atomic_directory, atomic_path, write_json_atomic
@@ -209,10 +211,20 @@ class ClipModel:
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     def warmup(self) -> None:
-        """Run both towers once on synthetic input, so the first real request is not the slow one."""
-        pixels = torch.zeros(1, 3, self.image_size, self.image_size)
-        self.encode_images(pixels)
-        self.encode_tokens(self.tokenizer(["warm up"]))
+        """Run both towers once on a grey picture and a short text, so the first real request is not the
+        slow one; a model that answers them with NaN or inf is refused here (`ModelLoadError`), before
+        it serves anything: a NaN weight, or preprocessing that divides by a zero std."""
+        from PIL import Image
+
+        grey = self.preprocess(Image.new("RGB", (self.image_size, self.image_size), (128, 128, 128)))
+        towers = {"image": self.encode_images(torch.as_tensor(grey).unsqueeze(0)),
+                  "text": self.encode_tokens(self.tokenizer(["warm up"]))}
+        broken = [tower for tower, vectors in towers.items() if not np.isfinite(vectors).all()]
+        if broken:
+            raise ModelLoadError(f"{self.name} ({self.source}) gives NaN or infinite vectors from its "
+                                 f"{' and '.join(broken)} tower{'s' if len(broken) > 1 else ''} on a test input: "
+                                 f"its weights or preprocessing are broken (a NaN weight, preprocess std 0?); "
+                                 f"not loaded")
 
 
 def _as_numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -354,6 +366,22 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     """
     spec = parse_model_spec(name, arch)
     torch_device = resolve_device(device)
+    with _model_lock(spec):  # one load of a model at a time: no doubled downloads, no doubled memory peak
+        return _load(spec, torch_device, precision, cache_dir)
+
+
+_MODEL_LOCKS: dict[tuple, threading.Lock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(spec: ModelSpec) -> threading.Lock:
+    """The lock of one model (architecture and weights): threads loading other models are not held up."""
+    key = (spec.kind, spec.arch, spec.weights)
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(key, threading.Lock())
+
+
+def _load(spec: ModelSpec, torch_device: torch.device, precision: str, cache_dir: Optional[str]) -> ClipModel:
     if spec.kind == "project":
         model, arch_name, preprocess_cfg, source, info = _load_project_checkpoint(Path(spec.weights))
     else:
@@ -419,10 +447,48 @@ def default_preprocess_cfg(arch: str) -> dict[str, Any]:
 
 
 def _new_model(arch: str) -> torch.nn.Module:
-    """Randomly initialised architecture; seeded so 'tiny' twice is the same model."""
-    with torch.random.fork_rng(devices=[]):
+    """Randomly initialised architecture; seeded so 'tiny' twice is the same model.
+
+    Its random draws come from a generator of its own, never from torch's global one: that is
+    shared by every thread, so ten threads building 'tiny' at once got ten different models (and
+    disturbed the draws of any other thread). The weights are those of the global generator seeded 0.
+    """
+    if _INIT_TAKES_GENERATOR:
+        with _PrivateGenerator(torch.Generator().manual_seed(0)):
+            return open_clip.create_model(arch, pretrained=None, device="cpu")
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # torch < 2.2: nn.init draws globally
         torch.manual_seed(0)
         return open_clip.create_model(arch, pretrained=None, device="cpu")
+
+
+# The random functions a model's construction calls, to which `_PrivateGenerator` hands its generator.
+_RANDOM_INIT = frozenset(getattr(torch.nn.init, name) for name in (
+    "uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+    "xavier_normal_", "orthogonal_", "sparse_"))
+_RANDOM_OPS = frozenset({
+    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_,
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli, torch.multinomial})
+_INIT_TAKES_GENERATOR = "generator" in inspect.signature(torch.nn.init.normal_).parameters
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+class _PrivateGenerator(TorchFunctionMode):
+    """Within it, this thread's random tensor ops and nn.init calls draw from `generator`.
+
+    Torch function modes are per thread, so other threads' draws are untouched. nn.init functions
+    are intercepted whole (the ops inside them no longer pass through the mode), hence both sets.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if (func in _RANDOM_OPS or func in _RANDOM_INIT) and kwargs.get("generator") is None:
+            kwargs["generator"] = self.generator
+        return func(*args, **kwargs)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

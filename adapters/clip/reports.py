@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, strict_json, write_text_atomic
 from .runs import EpochRecord, FitResult
 
 if TYPE_CHECKING:  # annotations only
@@ -105,7 +105,7 @@ def write_report(run_dir: Path, result: FitResult, config: "ClipConfig", *, n_tr
                  problems: Sequence[Any] = ()) -> dict[str, Any]:
     """report.json and report.md in `run_dir`; returns the JSON content."""
     report = build_report(result, config, n_train=n_train, n_val=n_val, problems=problems)
-    write_text_atomic(Path(run_dir) / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(Path(run_dir) / REPORT_JSON, strict_json(report, indent=2) + "\n")
     write_text_atomic(Path(run_dir) / REPORT_MD, report_markdown(report))
     return report
 
@@ -118,7 +118,7 @@ def name_output(run_dir: Path, output: str | Path) -> dict[str, Any]:
     """
     report = json.loads((Path(run_dir) / REPORT_JSON).read_text(encoding="utf-8"))
     report["model"]["output"] = str(output)
-    write_text_atomic(Path(run_dir) / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(Path(run_dir) / REPORT_JSON, strict_json(report, indent=2) + "\n")
     write_text_atomic(Path(run_dir) / REPORT_MD, report_markdown(report))
     return report
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, DataError
-from .files import write_json_atomic
+from .files import strict_json, write_json_atomic
 
 if TYPE_CHECKING:  # annotations only: loading a model's module would pull in torch
     from .models import ClipModel
@@ -212,10 +212,10 @@ def set_numpy_rng_state(state: list) -> None:
 # ---- metrics.jsonl -------------------------------------------------------------------------
 def rewrite_metrics_log(path: Path, history: Sequence[EpochRecord]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r.flat()) + "\n" for r in history), encoding="utf-8")
+    tmp.write_text("".join(strict_json(r.flat()) + "\n" for r in history), encoding="utf-8")
     tmp.replace(path)
 
 
 def append_metrics(path: Path, record: EpochRecord) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record.flat()) + "\n")
+        fh.write(strict_json(record.flat()) + "\n")
