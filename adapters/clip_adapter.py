@@ -62,7 +62,7 @@ from adapters.clip.config import ClipConfig  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
 from adapters.clip.errors import ClipAdapterError, describe_os_error  # noqa: E402
 from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
-                                 item_kind)
+                                 downloaded_bytes, item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
 from adapters.clip.onnx_export import attach_engine  # noqa: E402
 from adapters.clip.runs import adopt_run, is_marked_resumable, mark_resumable, read_saved_run  # noqa: E402
@@ -99,14 +99,14 @@ def user_errors(hook: F) -> F:
 
 
 def download_bytes(item: dl.Item) -> tuple[Optional[bytes], Optional[str]]:
-    """An item's bytes through dtlpy's public download, or why there are none (never raises)."""
+    """An item's bytes through dtlpy's public download, or why there are none (never raises).
+    Whatever `download` gives (a BytesIO, bytes, a path, an array) is read as the item's data."""
     try:
-        buffer = item.download(save_locally=False)
+        downloaded = item.download(save_locally=False)
     except Exception as exc:  # noqa: BLE001 - a failed download is this item's problem only
         return None, f"download failed: {type(exc).__name__}: {exc}"
-    if buffer is None:
-        return None, "download failed: the platform returned no data"
-    return buffer.getvalue(), None
+    raw, error = downloaded_bytes(downloaded)
+    return raw, (f"download failed: {error}" if error else None)
 
 
 class ClipAdapter(dl.BaseModelAdapter):
@@ -191,10 +191,11 @@ class ClipAdapter(dl.BaseModelAdapter):
         their text, or the image their prompt points to when they have no text (what
         utils/prepare_dataset.py makes), and text items too.
         """
-        kind = item_kind(getattr(item, "mimetype", None), getattr(item, "system", None))
-        prepared = ItemInput(item_id=item.id, kind=kind, item=item)
+        mimetype = getattr(item, "mimetype", None)
+        kind = item_kind(mimetype, getattr(item, "system", None))
+        prepared = ItemInput(item_id=getattr(item, "id", None), kind=kind, item=item)
         if kind not in (IMAGE, TEXT, PROMPT):
-            prepared.error = f"unsupported item type {item.mimetype!r} (CLIP embeds images, texts and prompt items)"
+            prepared.error = f"unsupported item type {mimetype!r} (CLIP embeds images, texts and prompt items)"
             return prepared
         raw, prepared.error = download_bytes(item)
         if raw is not None:

@@ -13,13 +13,19 @@ The adapter downloads; this module decides what the bytes mean.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .images import IMAGE_SUFFIXES
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .images import IMAGE_SUFFIXES, array_to_image
 
 IMAGE, TEXT, PROMPT, UNSUPPORTED = "image", "text", "prompt", "unsupported"
 CAPTION_LABEL = "free-text"
@@ -109,6 +115,36 @@ def decode_payload(kind: str, raw: bytes) -> tuple[Any, Optional[str]]:
         ref = prompt_image_ref(prompt)
         return (PromptImage(ref), None) if ref else (None, "prompt item has neither a text nor an image prompt")
     return None, "unsupported item type (CLIP embeds images, texts and prompt items)"
+
+
+def downloaded_bytes(downloaded: Any) -> tuple[Optional[bytes], Optional[str]]:
+    """Whatever an item's `download(save_locally=False)` gave -> (its bytes, or why there are none).
+
+    dtlpy returns a BytesIO; with `save_locally=True` a path; with `to_array=True` (and the earlier
+    adapter's mock items) a numpy array, which is encoded as a lossless PNG. Never raises.
+    """
+    try:
+        if downloaded is None:
+            return None, "the platform returned no data"
+        if isinstance(downloaded, (bytes, bytearray, memoryview)):
+            return bytes(downloaded), None
+        if hasattr(downloaded, "getvalue"):
+            return bytes(downloaded.getvalue()), None
+        if hasattr(downloaded, "read"):
+            return bytes(downloaded.read()), None
+        if isinstance(downloaded, (str, os.PathLike)):
+            path = Path(downloaded)
+            if not path.is_file():
+                return None, f"download gave the path {str(path)!r}, which is not a file"
+            return path.read_bytes(), None
+        if isinstance(downloaded, (np.ndarray, Image.Image)):
+            image = array_to_image(downloaded) if isinstance(downloaded, np.ndarray) else downloaded
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return buffer.getvalue(), None
+    except (OSError, ValueError, TypeError, InputError) as exc:
+        return None, f"could not read what download gave ({type(downloaded).__name__}): {exc}"
+    return None, f"download gave a {type(downloaded).__name__}, not the item's data"
 
 
 # ---- what an exported item's JSON says: captions, description, label, subset ----------------
