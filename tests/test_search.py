@@ -90,7 +90,7 @@ def test_ann_recall_against_exact_on_a_small_set(synthetic):
     recalls = []
     for query in queries:
         truth = set(exact_search(snapshot.vectors, query, 10)[0].tolist())
-        found = set(ann.search(query, 10, None)[0].tolist())
+        found = set(ann.search(snapshot.vectors, query, 10, None)[0].tolist())
         recalls.append(len(truth & found) / 10)
     assert np.mean(recalls) >= 0.95
     assert Searcher(store, ann="on").search(queries[0], k=10).method == "ann"

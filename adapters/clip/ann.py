@@ -1,10 +1,17 @@
-"""The ANN index of a store: FAISS IVF-Flat over the store's matrix rows (ids = rows), with its
-nprobe calibrated against exact search, kept in the store's data folder beside `ann.json`.
+"""The ANN index of a store: FAISS IVF over the store's matrix rows (ids = rows), kept in the
+store's data folder beside `ann.json`, which records its checksum and the file's stamps.
 
-IVF, not HNSW, because on the machines this runs on it builds ~10x faster, takes new rows and
-filters (an id bitmap) cheaply, and opens memory-mapped, so a cold search reads only the lists it
-probes (docs/search.md has the measurements). `refresh_ann` keeps it current at the end of an
-index run; the Searcher (search.py) decides when to use it.
+The index is a first pass only: its vectors are 8-bit scalar-quantized (IVF-SQ8, a quarter of the
+bytes of IVF-Flat to scan and to store), it proposes `candidates(k)` rows, and those are re-scored
+exactly from the matrix (`rescore`), so every score a search shows is the true cosine and FAISS's
+own scores are never shown. nprobe is calibrated at build time for the recall that pipeline reaches
+against exact search. IVF, not HNSW, because on the machines this runs on it builds ~10x faster,
+takes new rows and filters (an id bitmap) cheaply, and opens memory-mapped, so a cold search reads
+only the lists it probes (docs/search.md has the measurements).
+
+Trust: a search checks the file's size and mtime against `ann.json` (a stat), and on a mismatch its
+checksum; a file that is missing or fails is not used (the search is exact, and says so). `check`
+verifies the checksum, `check --repair` and the next `index` (`refresh_ann`) rebuild the index.
 """
 from __future__ import annotations
 
@@ -20,22 +27,47 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import InputError
-from .exact import exact_search_batch
-from .files import write_json_atomic
+from .exact import exact_search_batch, top_k
+from .files import content_hash, write_json_atomic
 from .matrix import MatrixSnapshot
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 ANN_THRESHOLD = 100_000          # live items from which `auto` builds and uses the ANN index
-ANN_TARGET_RECALL = 0.97         # recall@10 the calibration asks of nprobe (on hard queries)
-NPROBE_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ANN_TARGET_RECALL = 0.96         # recall@10 the calibration asks of nprobe (on hard queries; users need 0.95)
+NPROBE_CHOICES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+RERANK_FACTOR = 4                # the first pass proposes 4k rows (at least RERANK_MIN); the matrix ranks them
+RERANK_MIN = 40
 TRAIN_POINTS_PER_LIST = 40       # k-means sample per IVF list (FAISS wants >= 39)
-CALIBRATION_QUERIES = 64
+CALIBRATION_QUERIES = 128
 CALIBRATION_NOISE = 1.0          # off-manifold push of the probe queries (text queries sit far from images)
 REBUILD_GROWTH = 4.0             # retrain once the store is this many times larger than at training
 ANN_STATE = "ann.json"
 ANN_PREFIX = "ann-"
+ANN_KIND = "ivf-sq8"
+LEGACY_KINDS = ("ivf-flat",)      # read (re-scored like any first pass); the next index run rebuilds them
+
+
+def candidates(k: int) -> int:
+    """How many rows the first pass proposes for a top k: enough that quantization error rarely
+    pushes a true neighbour out before the exact re-scoring."""
+    return max(RERANK_FACTOR * k, RERANK_MIN)
+
+
+def rescore(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray, k: int,
+            allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `rows` by their exact score against `query` from the matrix, best first.
+
+    Rows that are not in the matrix, repeated, or outside `allowed` are dropped first: an index file
+    that is damaged but still parses cannot put a wrong row or a wrong score in front of anyone.
+    """
+    rows = np.unique(rows[(rows >= 0) & (rows < len(vectors))])
+    if allowed is not None:
+        rows = rows[allowed[rows]]
+    scores = vectors[rows] @ np.ascontiguousarray(query, dtype=np.float32)
+    best = top_k(scores, k)
+    return rows[best].astype(np.int64), scores[best]
 
 
 def choose_nlist(n: int) -> int:
@@ -44,12 +76,12 @@ def choose_nlist(n: int) -> int:
 
 
 class AnnIndex:
-    """FAISS IVF-Flat over a store's matrix rows, with its calibrated nprobe."""
-
-    kind = "ivf-flat"
+    """FAISS IVF-SQ8 over a store's matrix rows, with its calibrated nprobe (a first pass: see `rescore`)."""
 
     def __init__(self, index: Any, rows: int, epoch: int, nprobe: int, trained_on: int,
-                 recall: Optional[float] = None, build_seconds: Optional[float] = None, file: Optional[str] = None):
+                 recall: Optional[float] = None, build_seconds: Optional[float] = None, file: Optional[str] = None,
+                 kind: str = ANN_KIND):
+        self.kind = kind
         self.index = index
         self.rows = rows              # matrix rows [0, rows) are in the index (dead ones filtered at search)
         self.epoch = epoch
@@ -70,7 +102,8 @@ class AnnIndex:
 
     def describe(self) -> str:
         recall = f", calibrated recall@10 {self.recall:.3f}" if self.recall is not None else ""
-        return f"IVF-Flat, {self.nlist} lists, nprobe {self.nprobe}{recall}, {self.index.ntotal} vectors"
+        first = "IVF-SQ8 first pass re-scored from the matrix" if self.kind == ANN_KIND else "IVF-Flat"
+        return f"{first}, {self.nlist} lists, nprobe {self.nprobe}{recall}, {self.index.ntotal} vectors"
 
     # ---- building ------------------------------------------------------------------------
     @classmethod
@@ -84,7 +117,7 @@ class AnnIndex:
             raise InputError("cannot build an ANN index over an empty store")
         vectors = snapshot.vectors
         nlist = nlist or choose_nlist(len(live_rows))
-        index = faiss.index_factory(vectors.shape[1], f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(vectors.shape[1], f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(live_rows, size=min(len(live_rows), TRAIN_POINTS_PER_LIST * nlist),
                                     replace=False))
@@ -98,7 +131,8 @@ class AnnIndex:
         return ann
 
     def calibrate(self, snapshot: MatrixSnapshot, target: float, *, k: int = 10, seed: int = 0) -> tuple[int, float]:
-        """Smallest nprobe whose recall@k against exact search reaches `target`.
+        """Smallest nprobe whose recall@k against exact search reaches `target`, measured on what a
+        search shows: the first pass's candidates re-scored from the matrix.
 
         The probe queries are midpoints of two random stored vectors: their neighbours straddle
         clusters, which is harder for IVF than a stored vector's own neighbourhood.
@@ -115,9 +149,11 @@ class AnnIndex:
         k = min(k, len(live_rows))
         truth = exact_search_batch(snapshot.vectors, queries, k, None if snapshot.all_live else snapshot.live)
         recall = 0.0
+        live = None if snapshot.all_live else snapshot.live
         for nprobe in [p for p in NPROBE_CHOICES if p < self.nlist] + [self.nlist]:
-            found = self._search_many(queries, k, nprobe, None)[1]
-            recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+            proposed = self._search_many(queries, candidates(k), nprobe, live)[1]
+            found = [rescore(snapshot.vectors, q, rows, k, live)[0] for q, rows in zip(queries, proposed)]
+            recall = float(np.mean([len(set(f.tolist()) & set(t)) / k for f, t in zip(found, truth)]))
             if recall >= target:
                 return nprobe, recall
         return self.nlist, recall
@@ -145,10 +181,16 @@ class AnnIndex:
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         return scores, rows
 
-    def search(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        scores, rows = self._search_many(query.reshape(1, -1), k, self.nprobe, allowed)
-        keep = rows[0] >= 0
-        return rows[0][keep].astype(np.int64), scores[0][keep]
+    def propose(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray]) -> np.ndarray:
+        """The first pass: `candidates(k)` rows likely to hold the k nearest (unordered, unscored:
+        FAISS's scores are approximate and are never shown; `rescore` ranks the rows)."""
+        rows = self._search_many(query.reshape(1, -1), candidates(k), self.nprobe, allowed)[1][0]
+        return rows[rows >= 0].astype(np.int64)
+
+    def search(self, vectors: np.ndarray, query: np.ndarray, k: int,
+               allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, exact scores) of the k best rows the index finds, re-scored from `vectors` (the matrix)."""
+        return rescore(vectors, query, self.propose(query, k, allowed), k, allowed)
 
     # ---- files ---------------------------------------------------------------------------
     def save(self, data_dir: Path) -> None:
@@ -160,12 +202,15 @@ class AnnIndex:
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        checksum = content_hash(tmp)
         os.replace(tmp, data_dir / name)
+        stat = (data_dir / name).stat()
         self.file = name
         write_json_atomic(data_dir / ANN_STATE, {
             "kind": self.kind, "file": name, "rows": self.rows, "epoch": self.epoch, "nprobe": self.nprobe,
             "nlist": self.nlist, "trained_on": self.trained_on, "recall": self.recall,
-            "build_seconds": self.build_seconds, "ntotal": int(self.index.ntotal)})
+            "build_seconds": self.build_seconds, "ntotal": int(self.index.ntotal),
+            "checksum": checksum, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
         for old in data_dir.glob(ANN_PREFIX + "*.faiss"):
             if old.name != name and ann_state(data_dir).get("file") != old.name:
                 with contextlib.suppress(OSError):
@@ -173,11 +218,12 @@ class AnnIndex:
 
     @classmethod
     def load(cls, data_dir: Path, *, writable: bool = False) -> Optional["AnnIndex"]:
+        """The index `ann.json` names, or None when there is none or it fails `ann_problem`."""
         import faiss
 
         state = ann_state(data_dir)
         path = data_dir / str(state.get("file", ""))
-        if state.get("kind") != cls.kind or not path.is_file():
+        if state.get("kind") not in (ANN_KIND, *LEGACY_KINDS) or ann_problem(data_dir, state) is not None:
             return None
         try:
             # memory-mapped: a cold search reads the lists it probes, not the whole index
@@ -188,7 +234,7 @@ class AnnIndex:
         if int(index.ntotal) != int(state.get("ntotal", -1)):
             return None
         return cls(index, int(state["rows"]), int(state["epoch"]), int(state["nprobe"]), int(state["trained_on"]),
-                   state.get("recall"), state.get("build_seconds"), file=state["file"])
+                   state.get("recall"), state.get("build_seconds"), file=state["file"], kind=state["kind"])
 
 
 def ann_state(data_dir: Path) -> dict[str, Any]:
@@ -198,6 +244,41 @@ def ann_state(data_dir: Path) -> dict[str, Any]:
         return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def ann_problem(data_dir: Path, state: Optional[dict[str, Any]] = None, *, verify: bool = False) -> Optional[str]:
+    """What is wrong with the index file `ann.json` names (None: nothing, or no index at all).
+
+    Cheap by default (a stat: the size and mtime recorded when it was written); the checksum is
+    read when those differ (a copy) or with `verify` (`check`). An index written before checksums
+    were recorded passes (the next index run replaces it).
+    """
+    state = ann_state(data_dir) if state is None else state
+    if not state:
+        return None
+    path = data_dir / str(state.get("file", ""))
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"file {path.name or '(none named)'} is missing"
+    recorded = state.get("checksum")
+    if recorded is None:
+        return None
+    if verify or (stat.st_size, stat.st_mtime_ns) != (state.get("size"), state.get("mtime_ns")):
+        try:
+            if content_hash(path) != recorded:
+                return f"file {path.name} does not match its checksum (damaged or replaced)"
+        except OSError as exc:
+            return f"file {path.name} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def rebuild_ann(store: Store) -> "AnnIndex":
+    """Build the store's ANN index afresh from its matrix and save it (the old file is removed)."""
+    ann = AnnIndex.build(store.snapshot())
+    ann.save(store.data_dir)
+    store.forget_search_index()
+    return ann
 
 
 def refresh_ann(store: Store, *, build: bool = False, threshold: int = ANN_THRESHOLD) -> Optional[str]:
@@ -210,7 +291,8 @@ def refresh_ann(store: Store, *, build: bool = False, threshold: int = ANN_THRES
     state = ann_state(store.data_dir)
     if snapshot.n_live == 0 or (snapshot.n_live < threshold and not build and not state):
         return None
-    stale = (build or state.get("epoch") != snapshot.state.epoch
+    problem = ann_problem(store.data_dir, state)
+    stale = (build or problem is not None or state.get("kind") != ANN_KIND or state.get("epoch") != snapshot.state.epoch
              or snapshot.n_live > REBUILD_GROWTH * int(state.get("trained_on") or 0))
     if not stale:
         if int(state.get("rows", 0)) >= snapshot.rows:
@@ -221,7 +303,6 @@ def refresh_ann(store: Store, *, build: bool = False, threshold: int = ANN_THRES
             ann.save(store.data_dir)
             store.forget_search_index()
             return f"ANN index extended by {added} vectors ({ann.describe()})"
-    ann = AnnIndex.build(snapshot)
-    ann.save(store.data_dir)
-    store.forget_search_index()
-    return f"ANN index built in {ann.build_seconds:.1f} s: {ann.describe()}"
+    ann = rebuild_ann(store)
+    why = f" (the previous index {problem})" if problem and state else ""
+    return f"ANN index built in {ann.build_seconds:.1f} s{why}: {ann.describe()}"

@@ -7,12 +7,12 @@ ANN index) or points at it (CURRENT). So a check asks, in order:
 2. Is the database itself intact (`PRAGMA integrity_check`) and consistent (rows, generations)?
    A damaged database cannot be repaired from anything else: the check says how to rebuild.
 3. Do the matrix files hold, row for row, the vectors and ids in the database (and their
-   recorded checksums)? If not, repair rewrites them from the database and drops the ANN index
-   (it is rebuilt by the next `index`).
+   recorded checksums)? If not, repair rewrites them from the database.
+4. Is the ANN index (large stores) there, and does its file match its checksum? If not, or if the
+   matrix it was built from was just repaired, repair rebuilds it from the matrix.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import StoreError
 from .files import write_text_atomic
-from .ann import ANN_STATE
+from .ann import ann_problem, ann_state, rebuild_ann
 from .store import (CURRENT, DB_FILE, Store, _data_dirs, _is_store_db, _read_current,
                     settle_layout, sqlite_errors, writer_lock)
 
@@ -63,6 +63,7 @@ def _check(root: Path, report: CheckReport, repair: bool) -> CheckReport:
             with Store.open(root, readonly=True) as store:
                 _check_database(store, report)
                 _check_matrix(store, report, repair=False)
+                _check_ann(store, report, repair=False, matrix_rebuilt=False)
         return report
     with writer_lock(root):
         _check_layout(root, report, repair=True)
@@ -73,7 +74,8 @@ def _check(root: Path, report: CheckReport, repair: bool) -> CheckReport:
             _check_database(store, report)
             if report.problems[len(report.repaired):]:
                 return report  # a damaged database: rewriting the matrix from it would spread the damage
-            _check_matrix(store, report, repair=True)
+            matrix_rebuilt = _check_matrix(store, report, repair=True)
+            _check_ann(store, report, repair=True, matrix_rebuilt=matrix_rebuilt)
     return report
 
 
@@ -116,18 +118,36 @@ def _check_database(store: Store, report: CheckReport) -> None:
         report.problems.append(f"item generation {top_gen} is beyond the database's generation {meta['generation']}")
 
 
-def _check_matrix(store: Store, report: CheckReport, *, repair: bool) -> None:
+def _check_matrix(store: Store, report: CheckReport, *, repair: bool) -> bool:
+    """Whether the matrix was rebuilt."""
     problems = matrix_problems(store)
     report.problems += problems
     if problems and repair:
         store.rebuild_matrix()
-        with contextlib.suppress(FileNotFoundError):
-            (store.data_dir / ANN_STATE).unlink()  # it may hold the damaged vectors: the next index rebuilds it
         left = matrix_problems(store)
         if left:
             report.notes.append(f"the matrix still differs after its rebuild: {left[0]}")
-            return
+            return True
         report.repaired += [f"rebuilt from the database: {p}" for p in problems]
+    return bool(problems and repair)
+
+
+def _check_ann(store: Store, report: CheckReport, *, repair: bool, matrix_rebuilt: bool) -> None:
+    """The ANN index file against its checksum; repair rebuilds it (also after a matrix rebuild: it
+    may hold the damaged vectors)."""
+    state = ann_state(store.data_dir)
+    if not state:
+        return
+    problem = ann_problem(store.data_dir, state, verify=True)
+    if problem is not None:
+        report.problems.append(f"the ANN index {problem}")
+    if state.get("checksum") is None:
+        report.notes.append("the ANN index was written without a checksum (an older version); "
+                            + ("rebuilt it" if repair else "`check --repair` or the next `index` rebuilds it"))
+    if repair and (problem is not None or matrix_rebuilt or state.get("checksum") is None):
+        ann = rebuild_ann(store)
+        if problem is not None:
+            report.repaired.append(f"rebuilt the ANN index from the matrix ({ann.describe()}): it {problem}")
 
 
 def matrix_problems(store: Store) -> list[str]:

@@ -1,7 +1,9 @@
 """Search a store: exact by default, the ANN index for large stores, filters, and query arithmetic.
 
 - Exact search (exact.py) scores the store's contiguous matrix with one BLAS product.
-- The ANN index (ann.py) is a FAISS IVF-Flat over the same rows, used for large stores.
+- The ANN index (ann.py) is a FAISS IVF over the same rows, used for large stores: its hits are
+  re-scored from the matrix, so every score shown is exact; an index file that is missing or
+  fails its check is not used (exact search, with a warning naming the repair).
 - Filters (subset, metadata conditions, path glob) become a row mask. A filtered ANN search
   that finds fewer than k results while k matching items exist falls back to exact search
   over the matching rows, so filters never silently shorten the result list; a filter that
@@ -21,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from .ann import ANN_THRESHOLD, AnnIndex, ann_state
+from .ann import ANN_THRESHOLD, AnnIndex, ann_problem, ann_state
 from .errors import InputError
 from .exact import exact_search, top_k
 from .images import IMAGE_SUFFIXES
 from .filters import Condition
 from .matrix import MatrixSnapshot
-from .store import Store
+from .store import Store, repair_hint
 
 if TYPE_CHECKING:
     from .embed import Embedder
@@ -194,7 +196,8 @@ class Searcher:
         snapshot = self.store.snapshot()
         allowed = self._allowed(snapshot, filters)
         candidates = snapshot.n_live if allowed is None else int(np.count_nonzero(allowed))
-        index = self._index(snapshot, ann or self.ann)
+        notes: list[str] = []
+        index = self._index(snapshot, ann or self.ann, notes)
         if index is None or candidates <= max(k, index.expected_scan):
             rows, scores = exact_search(snapshot.vectors, query, k, allowed)
             method = "exact"
@@ -214,7 +217,7 @@ class Searcher:
             keep = scores >= filters.min_score
             rows, scores = rows[keep], scores[keep]
         hits = self._hits(snapshot, rows, scores)
-        warnings = self._unknown_keys(filters) if candidates == 0 and filters.where else []
+        warnings = notes + (self._unknown_keys(filters) if candidates == 0 and filters.where else [])
         return SearchResult(hits, method, candidates, time.perf_counter() - started, warnings)
 
     def _unknown_keys(self, filters: Filters) -> list[str]:
@@ -243,13 +246,19 @@ class Searcher:
         allowed &= snapshot.live
         return allowed
 
-    def _index(self, snapshot: MatrixSnapshot, mode: str) -> Optional[AnnIndex]:
+    def _index(self, snapshot: MatrixSnapshot, mode: str, notes: list[str]) -> Optional[AnnIndex]:
         if mode == "off" or snapshot.n_live == 0:
             return None
         if mode == "auto" and snapshot.n_live < self.threshold:
             return None
         state = ann_state(self.store.data_dir)
         index: Optional[AnnIndex] = self.store.cached_search_index(state.get("file"))
+        if index is None and state:
+            problem = ann_problem(self.store.data_dir, state)
+            if problem is not None:
+                notes.append(f"the ANN index {problem}: searched exactly instead (slower); the next `index` "
+                             f"rebuilds it, or {repair_hint(self.store.root)}")
+                return None
         if index is None:
             index = AnnIndex.load(self.store.data_dir)
             if index is not None:
@@ -267,11 +276,10 @@ class Searcher:
     @staticmethod
     def _ann_search(index: AnnIndex, snapshot: MatrixSnapshot, query: np.ndarray, k: int,
                     allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """ANN over the rows the index covers, exact over rows appended since, merged."""
+        """ANN over the rows the index covers (re-scored from the matrix), exact over rows appended
+        since, merged."""
         covered = min(index.rows, snapshot.rows)
-        rows, scores = index.search(query, k, allowed)
-        keep = rows < covered
-        rows, scores = rows[keep], scores[keep]
+        rows, scores = index.search(snapshot.vectors[:covered], query, k, allowed)
         if covered < snapshot.rows:
             tail_allowed = None if allowed is None else allowed[covered:]
             tail_rows, tail_scores = exact_search(snapshot.vectors[covered:], query, k, tail_allowed)
