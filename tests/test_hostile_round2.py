@@ -147,3 +147,57 @@ def test_the_adapter_refuses_a_nan_model_at_load_and_embeds_or_predicts_nothing_
     assert vectors[0] is None and len(vectors[1]) == 64 and np.isfinite(vectors[1]).all()
     collections = adapter.predict(items[:1])
     assert len(collections[0]) == 0  # no annotation with a NaN confidence
+
+
+# ---- 8. records that are not UTF-8 are listed and skipped ----------------------------------------
+@pytest.fixture
+def latin1_data(tmp_path) -> Path:
+    """Four images and manifests in which one record is Latin-1 ('café'), the rest plain UTF-8."""
+    tmp_path = tmp_path / "data"
+    tmp_path.mkdir()
+    for i in range(4):
+        pattern_image(20 + i).save(tmp_path / f"i{i}.png")
+    lines = [json.dumps({"image": f"i{i}.png", "caption": f"picture {i}", "subset": subset}).encode()
+             for i, subset in enumerate(["train", "train", "validation", "validation"])]
+    lines.insert(2, '{"image": "i0.png", "caption": "caf\xe9 au lait", "subset": "train"}'.encode("latin-1"))
+    (tmp_path / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rows = ["image,caption,subset"] + [f"i{i}.png,picture {i},{s}" for i, s in
+                                      enumerate(["train", "train", "validation", "validation"])]
+    rows.insert(2, "i0.png,caf\xe9 au lait,train")
+    (tmp_path / "pairs.csv").write_bytes("\n".join(rows).encode("latin-1"))
+    (tmp_path / "captions.csv").write_bytes("image,caption\ni0.png,caf\xe9\ni1.png,a dog\n".encode("latin-1"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("manifest", ["pairs.jsonl", "pairs.csv"])
+def test_eval_lists_and_skips_a_latin1_record(latin1_data, capsys, manifest):
+    assert main(["eval", "--model", "tiny", "--engine", "torch", "--data", str(latin1_data / manifest),
+                 "--subset", "all", "--workers", "0", "--json"]) == 0
+    out = capsys.readouterr()
+    assert f"skipped {manifest}:3: not UTF-8 text (byte 0xE9 after " in out.err and "caf'): save the file as UTF-8" in out.err
+    assert strict(out.out)["models"]["tiny"]["images"] == 4
+
+
+def test_train_and_index_manifest_skip_a_latin1_record(latin1_data, tmp_path, capsys):
+    # batch_size=1 stops the run right after the data is read (training itself: test_train.py)
+    assert main(["train", "--data", str(latin1_data / "pairs.jsonl"), "--out", str(tmp_path / "run"), "--model", "tiny",
+                 "--set", "batch_size=1"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped pairs.jsonl:3: not UTF-8 text" in err and "error: batch_size must be at least 2" in err
+    assert main(["index", str(latin1_data), "--store", str(tmp_path / "store"), "--model", "tiny", "--engine", "torch",
+                 "--workers", "0", "--ann", "off", "--manifest", str(latin1_data / "pairs.csv"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "manifest: skipped pairs.csv:3: not UTF-8 text" in out.err and strict(out.out)["items"] == 4
+
+
+def test_prepare_lists_and_skips_a_latin1_caption_row(latin1_data, tmp_path, capsys):
+    images = tmp_path / "images" / "dogs"
+    images.mkdir(parents=True)
+    for i in range(2):
+        (latin1_data / f"i{i}.png").rename(images / f"i{i}.png")
+    out = tmp_path / "m.jsonl"
+    assert main(["prepare", str(images.parent), "--out", str(out), "--captions", str(latin1_data / "captions.csv"),
+                 "--val", "0.5"]) == 0
+    assert "skipped captions.csv:2: not UTF-8 text" in capsys.readouterr().err
+    captions = sorted(json.loads(line)["caption"] for line in out.read_text().splitlines())
+    assert captions == ["a dog", "a photo of a dogs"]  # i0 falls back to its folder's name

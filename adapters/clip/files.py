@@ -12,11 +12,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Optional
 
 from .errors import DataError
 
@@ -158,11 +159,36 @@ def read_json(path: Path) -> Any:
 
 
 def open_csv(path: Path, what: str) -> IO[str]:
-    """A CSV opened for csv.DictReader (a BOM from spreadsheet exports is dropped)."""
+    """A CSV opened for csv.DictReader (a BOM from spreadsheet exports is dropped). Bytes that are not
+    UTF-8 are kept as surrogate escapes, for `not_utf8` to find: the record holding them is skipped
+    and listed, the rest of the file is read."""
     try:
-        return open(path, "r", encoding="utf-8-sig", newline="")
+        return open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="")
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def open_text_lines(path: Path) -> IO[str]:
+    """A UTF-8 text file (JSONL) read line by line, bytes that are not UTF-8 kept for `not_utf8`."""
+    return open(path, "r", encoding="utf-8", errors="surrogateescape")
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def not_utf8(*texts: Optional[str]) -> Optional[str]:
+    """Why a record read through `open_csv`/`open_text_lines` is not UTF-8 text, or None."""
+    for text in texts:
+        found = _UNDECODED.search(text) if isinstance(text, str) else None
+        if found:
+            return (f"not UTF-8 text (byte 0x{ord(found.group()) - 0xDC00:02X} after "
+                    f"{shown(text[:found.start()][-20:])!r}): save the file as UTF-8")
+    return None
+
+
+def shown(text: str) -> str:
+    """`text` printable whatever bytes it holds: undecodable ones as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def recover_directory(directory: str | Path) -> list[str]:

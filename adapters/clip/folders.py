@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import DataError
-from .files import content_hash, open_csv
+from .files import content_hash, not_utf8, open_csv, shown
 from .image_files import walk_images
 from .images import IMAGE_SUFFIXES, unreadable_images
 from .pairs import CaptionPair, DataProblem, PairSet
@@ -33,12 +33,13 @@ def template_caption(label: str, template: str = DEFAULT_TEMPLATE) -> str:
     return template.replace("{}", humanize(label))
 
 
-def read_captions_csv(path: str | Path) -> dict[str, list[str]]:
+def read_captions_csv(path: str | Path, problems: Optional[list[DataProblem]] = None) -> dict[str, list[str]]:
     """{image key: [captions]} from a CSV with an image column and a caption column.
 
     Image column: image, file, filename or path; caption column: caption, description or text.
     Keys are matched against the image's path relative to the folder, then its file name.
-    Several rows for one image give it several captions.
+    Several rows for one image give it several captions. A row that is not UTF-8 text is skipped
+    and added to `problems`.
     """
     path = Path(path).expanduser()
     with open_csv(path, "captions CSV") as fh:
@@ -48,10 +49,16 @@ def read_captions_csv(path: str | Path) -> dict[str, list[str]]:
         text_col = next((columns[c] for c in ("caption", "description", "text") if c in columns), None)
         if image_col is None or text_col is None:
             raise DataError(f"{path}: a captions CSV needs an image column (image/file/filename/path) and a "
-                            f"caption column (caption/description/text); it has {', '.join(reader.fieldnames or [])}")
+                            f"caption column (caption/description/text); it has "
+                            f"{shown(', '.join(reader.fieldnames or []))}")
         captions: dict[str, list[str]] = defaultdict(list)
         for row in reader:
             key, text = (row.get(image_col) or "").strip(), (row.get(text_col) or "").strip()
+            undecoded = not_utf8(key, text)
+            if undecoded:
+                if problems is not None:
+                    problems.append(DataProblem(f"{path.name}:{reader.line_num}", undecoded))
+                continue
             if key and text:
                 captions[Path(key).as_posix().lstrip("./")].append(text)
     return dict(captions)
@@ -86,12 +93,12 @@ def prepare_folder(folder: str | Path, *, val: float = 0.2, seed: int = 0,
         raise DataError(f"validation fraction must be in [0, 1), got {val}")
     if "{}" not in template:
         raise DataError(f"caption template {template!r} has no '{{}}' for the directory name")
-    csv_captions = read_captions_csv(captions_csv) if captions_csv else {}
+    result = PairSet([], [])
+    csv_captions = read_captions_csv(captions_csv, result.problems) if captions_csv else {}
     images = sorted(Path(p) for p in walk_images(root) if os.path.isfile(p))  # hidden files and folders skipped
     if not images:
         raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     fixed = _fixed_subsets(root)
-    result = PairSet([], [])
     images = _readable(images, root, result.problems)
     originals = same_bytes_as(images)  # a copy is split with its original: never one in each subset
     rels = [image.relative_to(root).as_posix() for image in images]

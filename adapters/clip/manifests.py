@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .errors import DataError
 from .exports import read_export
-from .files import JsonError, open_csv
+from .files import JsonError, not_utf8, open_csv, open_text_lines, shown
 from .pairs import KNOWN_SUBSETS, CaptionPair, DataProblem, PairSet, problems_message
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,16 @@ def read_manifest(path: str | Path) -> PairSet:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        fh = open(path, "r", encoding="utf-8")
+        fh = open_text_lines(path)
     except OSError as exc:
         raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     with fh:
         for number, line in enumerate(fh, 1):
             where = f"{path.name}:{number}"
             if not line.strip():
+                continue
+            if not_utf8(line):
+                yield where, JsonError(not_utf8(line))
                 continue
             try:
                 yield where, json.loads(line)
@@ -79,10 +82,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
         missing = {"image", "caption"} - columns
         if missing:
             raise DataError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))} "
-                            f"(has {', '.join(reader.fieldnames or []) or 'none'})")
+                            f"(has {shown(', '.join(reader.fieldnames or [])) or 'none'})")
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
+            undecoded = not_utf8(*(v for k, v in row.items() if k is not None), *(row.get(None) or []))
             row = {k: v for k, v in row.items() if k is not None}
+            if undecoded:
+                yield where, JsonError(undecoded)
+                continue
             if isinstance(row.get("metadata"), str) and row["metadata"].strip():
                 try:
                     row["metadata"] = json.loads(row["metadata"])
