@@ -201,3 +201,30 @@ def test_prepare_lists_and_skips_a_latin1_caption_row(latin1_data, tmp_path, cap
     assert "skipped captions.csv:2: not UTF-8 text" in capsys.readouterr().err
     captions = sorted(json.loads(line)["caption"] for line in out.read_text().splitlines())
     assert captions == ["a dog", "a photo of a dogs"]  # i0 falls back to its folder's name
+
+
+# ---- 5. text inputs are capped before tokenizing ------------------------------------------------
+def test_a_huge_text_is_cut_before_tokenizing_with_a_note_and_the_same_vector(embedder, caplog):
+    import tracemalloc
+
+    from adapters.clip.embed import MAX_TEXT_CHARS
+
+    text = "a red car parked near the beach " * 64_000  # 2 MB: tokenized whole, it peaked at 30 MB (and 17 s)
+    tracemalloc.start()
+    try:
+        huge = embedder.embed_texts([text])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB"  # 2 MB with the cut
+    assert "longer than 16384 characters cut" in caplog.text
+    np.testing.assert_allclose(huge.vectors[0], embedder.embed_texts([text[:MAX_TEXT_CHARS // 8]]).vectors[0],
+                               atol=1e-6)  # the model reads only its first tokens anyway
+
+
+def test_a_huge_text_item_is_read_only_as_far_as_the_model_reads(caplog):
+    from adapters.clip.items import MAX_TEXT_BYTES, TEXT, decode_payload
+
+    text, error = decode_payload(TEXT, "café au lait. ".encode() * 100_000)
+    assert error is None and len(text.encode()) <= MAX_TEXT_BYTES and text.startswith("café au lait.")
+    assert "only its first 65536 are read" in caplog.text

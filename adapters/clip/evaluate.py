@@ -233,7 +233,9 @@ def _preprocess_images(clip, images: list[Path], num_workers: int, show_progress
 
 
 def _encode_texts(clip, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    parts = [clip.encode_tokens(clip.tokenizer(list(texts[lo:lo + batch_size])))
+    from .embed import capped_texts
+
+    parts = [clip.encode_tokens(clip.tokenizer(capped_texts(texts[lo:lo + batch_size])))
              for lo in range(0, len(texts), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, clip.dim), dtype=np.float32)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from .images import IMAGE_SUFFIXES, array_to_image
 IMAGE, TEXT, PROMPT, UNSUPPORTED = "image", "text", "prompt", "unsupported"
 CAPTION_LABEL = "free-text"
 DATALOOP_STREAM_URL = "https://gate.dataloop.ai/api/v1/items/{}/stream"
+
+# Bytes of a text item decoded: 4 bytes per character at most, so never fewer characters than the
+# tokenizer is given (embed.MAX_TEXT_CHARS).
+MAX_TEXT_BYTES = 4 * 16384
+log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"/items/([0-9A-Za-z_-]+)/stream")
 _ITEM_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -102,7 +108,11 @@ def decode_payload(kind: str, raw: bytes) -> tuple[Any, Optional[str]]:
     if kind == IMAGE:
         return (raw, None) if raw else (None, "empty image file (0 bytes)")
     if kind == TEXT:
-        text = raw.decode("utf-8", errors="replace")
+        if len(raw) > MAX_TEXT_BYTES:  # decoding 1 GB only to keep 77 tokens of it: no
+            log.warning("a text item of %d bytes: only its first %d are read (the model reads only its first "
+                        "tokens)", len(raw), MAX_TEXT_BYTES)
+            raw = raw[:MAX_TEXT_BYTES]
+        text = raw.decode("utf-8", errors="replace")  # (a character cut in two at the end becomes U+FFFD)
         return (text, None) if text.strip() else (None, "empty text file")
     if kind == PROMPT:
         try:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .config import ClipConfig
 from .pairs import CaptionPair, PairSet
-from .embed import Embedder
+from .embed import Embedder, capped_texts
 from .progress import progress_bar
 from .errors import CheckpointError, ConfigError, DataError, InputError, TrainingDivergedError
 from .images import load_image
@@ -370,7 +370,7 @@ class CollatePairs:
             empty = torch.zeros(0, 3, self.image_size, self.image_size)
             return Batch(empty, torch.zeros(0, 1, dtype=torch.long), [], failures)
         pixels = torch.stack([p for _, p in ok])
-        tokens = self.tokenizer([self.captions[i] for i, _ in ok])
+        tokens = self.tokenizer(capped_texts([self.captions[i] for i, _ in ok]))
         return Batch(pixels, tokens, [i for i, _ in ok], failures)
 
 
