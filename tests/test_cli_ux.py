@@ -93,3 +93,152 @@ def test_first_index_on_a_new_model_shows_progress_within_2_s_and_ctrl_c_says_ho
 
     third = run(*args, CLIP_ADAPTER_ENGINES=engines)  # prepared now: no first-use lines
     assert third.returncode == 0 and "first use" not in third.stderr and "unchanged 6" in third.stdout
+
+
+# ---- 2. filters as people write them -----------------------------------------------------------------
+TAKEN = {"a.jpg": ("2015:03:01 10:00:00", "Canon", "Canon EOS 5D"), "b.jpg": ("2016:07:04 12:00:00", "NIKON", "D750"),
+         "c.jpg": ("2021:06:15 09:30:00", "Canon", "Canon EOS R5"), "d.jpg": ("2021:07:01 08:00:00", "NIKON", "D750"),
+         "e.jpg": ("2022:01:01 00:00:01", "Apple", "iPhone 12")}
+
+
+@pytest.fixture(scope="module")
+def dated_store(tmp_path_factory, embedder):
+    """A store of photos with EXIF dates and cameras, indexed through the library (the filters are SQL)."""
+    from adapters.clip.indexing import IndexOptions, index
+    from adapters.clip.onnx_export import export_towers
+    from test_photos import camera_jpeg
+
+    folder = tmp_path_factory.mktemp("dated")
+    for seed, (name, (taken, make, model)) in enumerate(TAKEN.items()):
+        camera_jpeg(folder / name, taken=taken, make=make, model=model, seed=seed)
+    root = tmp_path_factory.mktemp("dated-store") / "store"
+    index(root, embedder, [folder], IndexOptions(show_progress=False, ann="off"))
+    export_towers(embedder.clip)  # text searches then run as users' do: the exported text tower, no torch
+    return root
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("taken>=2021", "cde"), ("taken<2016", "a"), ('taken<"2016"', "a"), ("taken=2021", "cd"),
+    ("taken=2021-06", "c"), ("taken>2021-06", "de"), ("taken<=2016-07", "ab"), ("taken!=2021", "abe"),
+    ("taken>=2021-06-15", "cde"), ("year>=2021", "cde"), ("camera~canon*", "ac"), ("camera~*D750", "bd"),
+    ("camera~*IPHONE*", "e"), ("taken~2021-06*", "c"),
+])
+def test_where_reads_dates_and_globs_as_people_write_them(dated_store, where, expected):
+    from adapters.clip.search import Filters, Searcher
+    from adapters.clip.store import Store
+
+    with Store.open(dated_store, readonly=True) as store:
+        result = Searcher(store).search(store.snapshot().vectors[0], k=10, filters=Filters(where=[where]))
+    assert "".join(sorted(Path(hit.path).stem for hit in result.hits)) == expected
+    assert result.candidates == len(expected)
+
+
+def test_search_explains_no_results_by_what_stopped_them_and_warns_of_a_truncated_query(dated_store):
+    long_query = "a photo of a dog on the beach at sunset " * 50
+    result = run("search", long_query, "--store", str(dated_store), "--min-score", "0.99")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"no results: 5 of 5 items passed the filters, but none scored >= 0\.99 "
+                        r"\(the best scored -?[\d.]+\)\n", result.stdout), result.stdout
+    assert re.search(r"warning: the query text 'a photo of a dog.*' is \d+ tokens long; the model reads the first "
+                     r"32 and ignores the rest", result.stderr)
+    filtered = run("search", "dog", "--store", str(dated_store), "--where", "camera~leica*")
+    assert filtered.stdout == "no results: none of the 5 items passed the filters\n"
+
+
+# ---- 3. a query that names an image file -------------------------------------------------------------
+def test_an_image_path_query_is_an_image_search_and_a_mistyped_one_an_error(dated_store, tmp_path):
+    image = next(p for p in Path(dated_store).parent.parent.glob("dated*/c.jpg"))
+    found = run("search", str(image), "--store", str(dated_store), "-k", "1", "--json")
+    assert found.returncode == 0, found.stderr
+    top = json.loads(found.stdout)[0]
+    assert top["path"] == str(image) and top["score"] > 0.999  # the image itself: an image query
+    typo = str(tmp_path / "nc" / "qeury.jpg")
+    mistyped = run("search", typo, "--store", str(dated_store))
+    assert mistyped.returncode == 1 and mistyped.stdout == ""
+    assert mistyped.stderr == f"error: {typo}: no such image file (to search for these words as text, add --text)\n"
+    forced = run("search", typo, "--text", "--store", str(dated_store), "--json")
+    assert forced.returncode == 0 and len(json.loads(forced.stdout)) == 5
+
+
+# ---- 10. the smaller points ------------------------------------------------------------------------
+def test_a_mistyped_option_gets_its_commands_usage_and_a_suggestion(dated_store):
+    result = run("search", "dog", "--store", str(dated_store), "-K", "5")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m adapters.clip search ")
+    assert result.stderr.strip().endswith("error: unrecognized arguments: -K 5 (did you mean -k?)")
+
+
+def test_a_mistyped_model_name_gets_did_you_mean_and_the_offline_names():
+    result = run("embed", "x.png", "--model", "tiyn")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "did you mean 'tiny'?" in result.stderr and "'ViT-B/32:random'" in result.stderr
+    listed = run("models")
+    assert "ViT-B/32:random" in listed.stdout and re.search(r"^tiny .*random \(test model\)", listed.stdout, re.M)
+
+
+def test_index_names_unreadable_photo_kinds_empty_folders_and_removed_files(tmp_path):
+    photos, elsewhere, empty = tmp_path / "photos", tmp_path / "elsewhere", tmp_path / "empty"
+    for folder in (photos, elsewhere, empty):
+        folder.mkdir()
+    for i in range(3):
+        pattern_image(i).save(photos / f"p{i}.png")
+    (photos / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (photos / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    store = str(tmp_path / "store")
+    first = run("index", str(photos), "--store", store, "--model", "tiny")
+    assert first.returncode == 0, first.stderr
+    assert "added 3," in first.stdout
+    assert ("note: skipped 2 .heic file(s): not a type read here (supported: bmp, gif, jpeg, jpg, png, tif, tiff, "
+            "webp); convert them (to JPEG, say) to index them") in first.stderr
+    (photos / "p2.png").rename(elsewhere / "p2.png")  # the only copy leaves the indexed folders
+    second = run("index", "--store", store)
+    assert "removed 1," in second.stdout
+    assert (f"note: removed 1 item(s) whose files are gone from the indexed folders ({photos / 'p2.png'}); a file "
+            f"moved to a folder outside them is found again by indexing that folder too") in second.stderr
+    nothing = run("index", str(empty), "--store", str(tmp_path / "empty-store"), "--model", "tiny")
+    assert nothing.returncode == 0 and f"note: no image files found in {empty} (supported: bmp," in nothing.stderr
+    searched = run("search", "dog", "--store", str(tmp_path / "empty-store"))
+    assert searched.returncode == 1 and searched.stderr == (
+        f"error: the store {tmp_path / 'empty-store'} holds no items yet: index a folder into it first "
+        f"(python -m adapters.clip index FOLDER --store {tmp_path / 'empty-store'})\n")
+
+
+def test_a_store_without_current_or_with_a_moved_checkpoint_says_what_to_do(tmp_path, tiny):
+    from adapters.clip.models import save_checkpoint
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pattern_image(0).save(photos / "a.png")
+    save_checkpoint(tiny, tmp_path / "mine")
+    store = tmp_path / "store"
+    assert run("index", str(photos), "--store", str(store), "--model", str(tmp_path / "mine"),
+               "--engine", "torch").returncode == 0
+    (tmp_path / "mine").rename(tmp_path / "moved")
+    moved = run("index", "--store", str(store))
+    assert moved.returncode == 1 and "Traceback" not in moved.stderr
+    assert (f"error: the store's model {tmp_path / 'mine'} is not there any more; if the checkpoint moved, pass "
+            f"--model NEWPATH") in moved.stderr
+    again = run("search", str(photos / "a.png"), "--store", str(store), "--model", str(tmp_path / "moved"), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)[0]["score"] > 0.999
+    (store / "CURRENT").unlink()
+    damaged = run("index", str(photos), "--store", str(store))  # no --model: the store's, which is damaged
+    assert damaged.returncode == 1
+    assert damaged.stderr.strip().endswith(f"run `python -m adapters.clip check --store {store} --repair`")
+    assert "weights" not in damaged.stderr and "loading" not in damaged.stderr
+
+
+def test_a_damaged_matrix_warns_once_and_an_empty_text_is_named(dated_store, tmp_path):
+    import shutil
+    copy = tmp_path / "store"
+    shutil.copytree(dated_store, copy)
+    vectors = next(copy.glob("data-*/vectors.f32"))
+    data = bytearray(vectors.read_bytes())
+    data[8:40] = b"\xff" * 32
+    vectors.write_bytes(bytes(data))
+    result = run("search", "dog", "--store", str(copy), "-k", "1")
+    assert result.returncode == 0
+    warnings = [line for line in result.stderr.splitlines() if "does not match its checksums" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: store ")
+    embedded = run("embed", "--text", "", "--text", "a dog", "--model", "tiny", "--out", str(tmp_path / "e"))
+    assert embedded.returncode == 0
+    assert "skipped --text '': empty text (its row 0 is NaN)" in embedded.stderr

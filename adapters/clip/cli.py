@@ -7,6 +7,7 @@ exit 2 (argparse's convention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -76,10 +77,11 @@ def load_for_inference(name: str, device: str, engine: str):
 
     The first line comes before torch is imported (that alone takes seconds on a busy machine).
     """
-    first_use = engine != "torch" and device in ("auto", "cpu") and not _prepared_here(name, engine)
+    missing = _is_path_name(name) and not Path(name).expanduser().exists()  # load_model says what is wrong
+    first_use = engine != "torch" and device in ("auto", "cpu") and not missing and not _prepared_here(name, engine)
     if first_use:
-        say(f"loading {name}: its first use on this machine, so it is also exported to ONNX"
-            + (" and the engines are timed" if engine == "auto" else "") + " once, to run faster from now on")
+        say(f"loading {name}; on its first use on this machine it is also exported to ONNX"
+            + (" and the engines are timed" if engine == "auto" else "") + " once, to run faster from then on")
     from .models import load_model
     from .onnx_export import attach_engine
 
@@ -144,6 +146,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         weights = "random (test model)" if row.name == "tiny" else "cached" if row.cached else "download"
         print(f"{row.name:42} {row.arch:26} {row.dim:5d} {row.image_size:5d}  {weights}")
+    print("\nAlso: NAME:random for untrained weights (e.g. ViT-B/32:random: runs offline, the rankings mean "
+          "nothing), ARCH:PRETRAINED (`models --all` lists them), or a checkpoint path.")
     choices = cached_choices()
     if choices:
         print("\nengine 'auto' chose, on this CPU (measured at first load, cached):")
@@ -215,7 +219,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         fh.writelines(strict_json(row) + "\n" for row in rows)
     failed = [r for r in rows if r["error"]]
     for row in failed:
-        print(f"skipped {row['id']}: {row['error']} (its row {row['index']} is NaN)", file=sys.stderr)
+        what = row["id"] if row["kind"] == "image" else f"--text {_shorten(row['id'])!r}"
+        print(f"skipped {what}: {row['error']} (its row {row['index']} is NaN)", file=sys.stderr)
     summary = {"embedded": len(rows) - len(failed), "failed": len(failed), "dim": embedder.dim,
                "model": embedder.clip.name, "vectors": str(out.with_suffix(".npy")),
                "index": str(out.with_suffix(".jsonl"))}
@@ -225,6 +230,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(f"embedded {summary['embedded']} ({summary['failed']} failed) with {summary['model']} "
               f"-> {summary['vectors']} ({vectors.shape[0]}x{vectors.shape[1]}), {summary['index']}")
     return EXIT_OK
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # ---- config ------------------------------------------------------------------------------
@@ -327,11 +336,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not paths and not args.reindex:
         paths = _stored_roots(root)
         print(f"rescanning the store's folders: {', '.join(paths)}", file=sys.stderr)
-    model = args.model or _stored_model(root) or DEFAULT_MODEL
+    stored = None if args.model else _stored_model(root)
+    model = args.model or stored or DEFAULT_MODEL
     options = IndexOptions(subset=args.subset, metadata=_parse_assignments(args.meta, "--meta"),
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
                            batch_size=args.batch_size, ann=args.ann, allow_empty_root=args.allow_empty_root)
-    clip = load_for_inference(model, args.device, args.engine)
+    with _store_model_moved(stored, root):
+        clip = load_for_inference(model, args.device, args.engine)
     from .embed import Embedder
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     summary = (reindex if args.reindex else index)(root, embedder, paths, options)
@@ -364,11 +375,30 @@ def _stored_roots(root: Path) -> list[str]:
 
 
 def _stored_model(root: Path) -> Optional[str]:
-    from .store import CURRENT, Store
-    if not (root / CURRENT).is_file():
-        return None
+    from .store import CURRENT, DATA_PREFIX, Store
+    if not (root / CURRENT).is_file() and not any(root.glob(DATA_PREFIX + "*")):
+        return None  # a new store (one without CURRENT but with data is damaged: opening it says so)
     with Store.open(root, readonly=True) as store:
         return store.binding.name
+
+
+@contextlib.contextmanager
+def _store_model_moved(stored: Optional[str], root: Path):
+    """A store names its model; a checkpoint that moved since cannot be found by that name: say what to pass."""
+    from .errors import ModelLoadError
+    try:
+        yield
+    except ModelLoadError as exc:
+        if stored is None or Path(stored).expanduser().exists() or not _is_path_name(stored):
+            raise
+        raise ModelLoadError(f"the store's model {stored} is not there any more; if the checkpoint moved, "
+                             f"pass --model NEWPATH (the same weights: another model is refused), or rebuild the "
+                             f"store for another model with `index --reindex --store {root} --model MODEL`") from None
+
+
+def _is_path_name(name: str) -> bool:
+    """A checkpoint path rather than a model name ('runs/mine/best', not 'ViT-B/32')."""
+    return name.startswith((".", "~", os.sep)) or ("/" in name or os.sep in name) and not name.startswith(("ViT-", "RN"))
 
 
 def _parse_assignments(assignments: Sequence[str], option: str) -> dict:
@@ -402,7 +432,10 @@ def _manifest_attributes(path: str) -> dict[str, dict]:
 def add_search(sub) -> None:
     p = sub.add_parser("search", help="search a store by text, image or both: \"dog + beach - people\"")
     p.add_argument("query", nargs="?", help="text; arithmetic \"dog + beach - people\", weights \"2:cat + dog\", "
-                                            "image terms \"image:photo.jpg\" (or an existing image path)")
+                                            "image terms \"image:photo.jpg\" (or an existing image path; a path "
+                                            "that names no file is an error)")
+    p.add_argument("--text", action="store_true", dest="as_text",
+                   help="read the query as text only, even where it looks like an image path")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="search by this image (repeatable)")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     _add_store_option(p)
@@ -411,7 +444,9 @@ def add_search(sub) -> None:
     add_engine_option(p)
     p.add_argument("--subset", action="append", default=[], help="only items of this subset (repeatable)")
     p.add_argument("--where", action="append", default=[], metavar="COND",
-                   help="metadata condition KEY=VALUE, KEY!=V, KEY>N, KEY<=N, KEY~GLOB (repeatable, all must hold)")
+                   help="metadata condition KEY=VALUE, KEY!=V, KEY>N, KEY<=N, KEY~GLOB (repeatable, all must hold); "
+                        "globs ignore case (camera~canon*); on a date a year or year-month means that period "
+                        "(taken>=2021, taken=2021-06)")
     p.add_argument("--glob", dest="path_glob", metavar="PATTERN",
                    help="only paths matching this glob ('*.png' matches names, '*/beach/*' whole paths)")
     p.add_argument("--min-score", type=float, help="only results with at least this cosine similarity")
@@ -432,13 +467,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("-k must be >= 1")
     root = _store_root(args)
     with sqlite_errors(root), Store.open(root, readonly=True) as store:
-        terms = parse_query(args.query) if args.query else []
+        total = store.count()
+        if not total:
+            from .errors import StoreError
+            raise StoreError(f"the store {root} holds no items yet: index a folder into it first "
+                             f"(python -m adapters.clip index FOLDER --store {root})")
+        terms = parse_query(args.query, images=not args.as_text) if args.query else []
         terms += [Term(1.0, "image", path) for path in args.image]
-        query = query_vector(terms, _query_embedder(store, terms, args))
+        embedder = _query_embedder(store, terms, args)
+        _warn_truncated([term.value for term in terms if term.kind == "text"], embedder)
+        query = query_vector(terms, embedder)
         filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
         result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
-        total = store.count()
-        for warning in store.warnings + result.warnings:
+        for warning in result.warnings:  # the store's own were logged as they were found
             print(f"warning: {warning}", file=sys.stderr)
     if args.sheet and result.hits:
         from .sheets import distinct_names, grid_sheet
@@ -453,7 +494,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print_json([hit.to_dict() for hit in result.hits])
         return EXIT_OK
     if not result.hits:
-        print(f"no results ({result.candidates} of {total} items passed the filters)")
+        print(_no_results(result, total, args.min_score))
         return EXIT_OK
     print(f"{'rank':>4}  {'score':>6}  path")
     for hit in result.hits:
@@ -462,6 +503,30 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"{len(result.hits)} results from {result.candidates} matching items ({result.method} search, "
           f"{result.seconds * 1000:.0f} ms)", file=sys.stderr)
     return EXIT_OK
+
+
+def _no_results(result, total: int, min_score: Optional[float]) -> str:
+    """Why a search found nothing: the filters, or the score bar (with the best score under it)."""
+    if not result.candidates:
+        return f"no results: none of the {total} items passed the filters"
+    passed = f"{result.candidates} of {total} items passed the filters"
+    if min_score is not None and result.best_score is not None:
+        return f"no results: {passed}, but none scored >= {min_score:g} (the best scored {result.best_score:.3f})"
+    return f"no results ({passed})"
+
+
+def _warn_truncated(texts: Sequence[str], embedder) -> None:
+    """CLIP reads a text's first context_length tokens (77 for OpenAI's models) and drops the rest: say so."""
+    tokenizer = embedder.clip.tokenizer
+    context = getattr(tokenizer, "context_length", None)
+    encode = getattr(tokenizer, "encode", None)
+    if not context or encode is None:
+        return
+    for text in texts:
+        count = len(encode(text)) + 2  # with the start and end tokens
+        if count > context:
+            print(f"warning: the query text {_shorten(text)!r} is {count} tokens long; the model reads the first {context} "
+                  f"and ignores the rest", file=sys.stderr)
 
 
 def _hit_caption(hit: "Hit", name: str) -> str:
@@ -484,7 +549,8 @@ def _query_embedder(store, terms: list, args: argparse.Namespace):
             return Embedder(exported, num_workers=0)
     from .models import load_model
     from .store import ModelBinding
-    clip = load_model(args.model or binding.name, device=args.device)
+    with _store_model_moved(None if args.model else binding.name, Path(store.root)):
+        clip = load_model(args.model or binding.name, device=args.device)
     store.check_model(ModelBinding.of(clip))
     return Embedder(clip, num_workers=0)
 
@@ -813,9 +879,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     restart_clock()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's, and the option probably meant
+        command_parser = _command_parsers(parser)[args.command]
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{_option_hint(unknown, command_parser)}")
     return run_command(lambda: args.handler(args), f"{parser.prog} {args.command}", verbose=args.verbose,
                        interrupted=INTERRUPTED.get(args.command, "").format(**vars(args)))
+
+
+def _command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _option_hint(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """'; did you mean -k?' for `-K 5`: the same letters in another case first, then close spellings."""
+    import difflib
+    options = [o for action in parser._actions for o in action.option_strings]
+    for word in unknown:
+        if not word.startswith("-"):
+            continue
+        name = word.split("=", 1)[0]
+        same = [o for o in options if o.lower() == name.lower()]
+        close = same or difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
 
 
 # What a Ctrl-C leaves behind, and how to carry on, per command.
@@ -830,13 +919,20 @@ INTERRUPTED = {
 }
 
 
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False, interrupted: str = "") -> int:
     """Run one command as the edge of the library: logging set up, errors made one line.
 
     Also the edge of app-level commands (the demo, `python -m adapters.demo`), so they read the same.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    # a user reads "warning: ...", as the command's own lines say it; -v adds the logger's name
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _PlainFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
     try:
         code = command()
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is then handled below

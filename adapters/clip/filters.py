@@ -21,6 +21,12 @@ _SQL_OPS = {"=": "=", "!=": "!=", ">=": ">=", "<=": "<=", ">": ">", "<": "<", "~
 # Text that is a number and nothing else: "2019", "-3.5", "1e6"; not "007" (an id keeps its zeros), "NaN", "1,5".
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 NUMBER_SQL_FUNCTION = "clip_number"
+PERIOD_SQL_FUNCTION = "clip_period"
+FOLD_SQL_FUNCTION = "clip_fold"  # SQLite's lower() folds ASCII only: "ÉCLAIR" would stay
+# A period as people write one on a date field: 2021, 2021-06, 2021-06-15.
+_PERIOD = re.compile(r"\d{4}(?:-\d{2}(?:-\d{2})?)?")
+# A stored date: ISO 8601, as photos.py writes `taken` ("2021-06-15T10:20:30").
+_STORED_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ][\d:.]+)?(?:Z|[+-]\d{2}:?\d{2})?")
 
 
 def typed_value(value: Any) -> Any:
@@ -59,16 +65,29 @@ def _sql_number(value: Any) -> Optional[float]:
     return None
 
 
+def _sql_period(value: Any, length: int) -> Optional[str]:
+    """SQL `clip_period(x, n)`: the first n characters of a stored ISO date (n=4: its year, 7: its
+    month), else NULL. So `taken>=2021` compares the year taken with 2021, not a date with a number."""
+    if isinstance(value, str) and _STORED_DATE.fullmatch(value.strip()):
+        return value.strip()[:length]
+    return None
+
+
 def register_sql_functions(conn: sqlite3.Connection) -> None:
     conn.create_function(NUMBER_SQL_FUNCTION, 1, _sql_number, deterministic=True)
+    conn.create_function(PERIOD_SQL_FUNCTION, 2, _sql_period, deterministic=True)
+    conn.create_function(FOLD_SQL_FUNCTION, 1, lambda v: v.casefold() if isinstance(v, str) else v,
+                         deterministic=True)
 
 
 @dataclass(frozen=True)
 class Condition:
-    """`key OP value` on an item's metadata JSON; `~` is a glob (`camera~Canon*`).
+    """`key OP value` on an item's metadata JSON; `~` is a glob (`camera~canon*`), case-insensitive.
 
     A number (`year>=2020`, `year="2019"`) compares numerically with numbers stored as numbers or
-    as text; any other value compares as text.
+    as text; any other value compares as text. On a date (`taken`, ISO 8601) a bare year or
+    year-month means that period: `taken=2021-06` is any day of June 2021, `taken<2016` before 2016,
+    `taken>=2021` from 2021 on.
     """
 
     key: str
@@ -95,11 +114,29 @@ class Condition:
     def json_path(self) -> str:
         return "$" + "".join(f'."{part}"' for part in self.key.split("."))
 
+    @property
+    def period(self) -> Optional[str]:
+        """The value as a period of dates ('2021', '2021-06', '2021-06-15'), when it reads as one."""
+        if self.op == "~" or isinstance(self.value, bool):
+            return None
+        text = str(self.value) if isinstance(self.value, (int, str)) else ""
+        return text if _PERIOD.fullmatch(text) else None
+
     def sql(self) -> tuple[str, list[Any]]:
         json_path = self.json_path
         if self.value is None:
             return f"json_extract(metadata, ?) IS {'NOT ' if self.op == '!=' else ''}NULL", [json_path]
         value = int(self.value) if isinstance(self.value, bool) else self.value
-        if isinstance(value, (int, float)) and self.op != "~":
-            return f"{NUMBER_SQL_FUNCTION}(json_extract(metadata, ?)) {_SQL_OPS[self.op]} ?", [json_path, value]
-        return f"json_extract(metadata, ?) {_SQL_OPS[self.op]} ?", [json_path, value]
+        if self.op == "~":  # globs read as people write them: camera~canon* finds "Canon EOS 5D"
+            return (f"{FOLD_SQL_FUNCTION}(json_extract(metadata, ?)) GLOB {FOLD_SQL_FUNCTION}(?)",
+                    [json_path, str(value)])
+        if isinstance(value, (int, float)):
+            clause, params = f"{NUMBER_SQL_FUNCTION}(json_extract(metadata, ?)) {_SQL_OPS[self.op]} ?", [json_path, value]
+        else:
+            clause, params = f"json_extract(metadata, ?) {_SQL_OPS[self.op]} ?", [json_path, value]
+        period = self.period
+        if period is None:
+            return clause, params
+        # a stored date compares by its period; any other stored value as before
+        return (f"COALESCE({PERIOD_SQL_FUNCTION}(json_extract(metadata, ?), {len(period)}) {_SQL_OPS[self.op]} ?, "
+                f"{clause})", [json_path, period, *params])

@@ -34,6 +34,16 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image,
 
 # File suffixes treated as images when walking folders.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Photos of kinds Pillow does not read here (phones' HEIC, cameras' RAW): never decoded, but counted
+# and named when a folder holds them, so they are not skipped silently.
+OTHER_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf",
+                                  ".orf", ".rw2", ".psd"})
+
+
+def supported_types() -> str:
+    """'bmp, gif, jpeg, jpg, png, tif, tiff, webp' (for messages and --help)."""
+    return ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
+
 
 # PIL's own bomb threshold (about 89 megapixels); anything larger is refused before decoding.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -24,7 +24,7 @@ from .progress import progress_bar
 from .errors import InputError
 from .files import content_hash, write_text_atomic
 from .image_files import walk_images
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, supported_types
 from .faults import faultpoint
 from .store import (CHUNK_ROWS, CURRENT, DB_FILE, REINDEX_PREFIX, FileStat, ItemRecord, ModelBinding, Store,
                     Transaction, next_data_dir, remove_temp_files, settle_layout, sqlite_errors, writer_lock)
@@ -50,6 +50,7 @@ class Scope:
     files: list[str] = field(default_factory=list)
     everything: bool = False
     unreadable: list[str] = field(default_factory=list)  # sub-folders that could not be listed: none vanished
+    unsupported: Counter = field(default_factory=Counter)  # suffix -> photos of a kind not read here (HEIC)
 
     def hides(self, path: str) -> bool:
         """Whether `path` lies in a folder this run could not list (its absence proves nothing)."""
@@ -70,8 +71,12 @@ def scan_files(paths: Iterable[str | os.PathLike], suffixes: frozenset[str] = IM
         path = os.path.abspath(os.path.expanduser(os.fspath(raw)))
         if os.path.isdir(path):
             scope.folders.append(path)
-            for stat in _walk(path, suffixes, problems):
-                found[stat.path] = stat
+            for stat in _walk(path, suffixes | OTHER_IMAGE_SUFFIXES, problems):
+                suffix = os.path.splitext(stat.path)[1].lower()
+                if suffix in suffixes:
+                    found[stat.path] = stat
+                else:
+                    scope.unsupported[suffix] += 1
         elif os.path.isfile(path):
             scope.files.append(path)
             stat = _stat(path, problems)
@@ -188,6 +193,7 @@ def index(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str | o
             _fail_problems(summary, problems)
             _keep_items_of_empty_folders(store, scope, files, problems, options, summary)
             _update(store, embedder, files, scope, options, summary)
+            summary.notes.extend(_scan_notes(scope, files))
             store.remember_roots([*scope.folders, *scope.files])
             _finish(store, options, summary)
             stopped = [p.name for p in root.glob(REINDEX_PREFIX + "*")]
@@ -254,6 +260,20 @@ def reindex(root: str | os.PathLike, embedder: "Embedder", paths: Sequence[str |
         # the old data folder stays until the next writer run: a reader may still have it open
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _scan_notes(scope: Scope, files: list[FileStat]) -> list[str]:
+    """What the walk passed over that a person would otherwise not know: photos of kinds not read
+    here, and folders without a single image."""
+    notes = []
+    if scope.unsupported:
+        kinds = ", ".join(f"{count} {suffix}" for suffix, count in sorted(scope.unsupported.items()))
+        notes.append(f"skipped {kinds} file(s): not a type read here (supported: {supported_types()}); convert them "
+                     f"(to JPEG, say) to index them")
+    if not files and (scope.folders or scope.files):
+        notes.append(f"no image files found in {', '.join(scope.folders + scope.files)} "
+                     f"(supported: {supported_types()}; hidden files and folders are skipped)")
+    return notes
 
 
 def _fail_problems(summary: IndexSummary, problems: list[tuple[str, str]]) -> None:
@@ -494,6 +514,11 @@ class _IndexPass:
                 for path in stale_failures[start:start + CHUNK_ROWS]:
                     txn.clear_failure(path)
         self.summary.removed += len(gone)
+        if gone:
+            shown = ", ".join(record.path for record in gone[:3]) + (", ..." if len(gone) > 3 else "")
+            self.summary.notes.append(
+                f"removed {len(gone)} item(s) whose files are gone from the indexed folders ({shown}); a file "
+                f"moved to a folder outside them is found again by indexing that folder too")
 
     def _fail(self, stat: FileStat, reason: str) -> None:
         self.summary.failed += 1

@@ -44,6 +44,9 @@ DEFAULT_MODEL = "ViT-B/32"
 TINY = "tiny"
 RANDOM_TAGS = frozenset({"random", "none", "scratch"})
 MODELS_HINT = "`python -m adapters.clip models` lists the model names"
+# Names a newcomer can always load, offline included: said wherever a model name was not understood.
+OFFLINE_NAMES = ("'tiny' (a small test model, random weights) or 'ARCH:random' such as 'ViT-B/32:random' "
+                 "(untrained: everything runs offline, the rankings mean nothing)")
 
 # OpenAI's released models -> open_clip architectures that use QuickGELU, like OpenAI's code.
 OPENAI_MODELS: dict[str, str] = {
@@ -266,7 +269,7 @@ def resolve_arch(name: str) -> str:
     close = similar_model_names(name)
     guess = f"did you mean {close[0]!r}? " if close else ""
     raise ModelLoadError(
-        f"unknown model architecture {name!r}; {guess}OpenAI models: {', '.join(OPENAI_MODELS)}; "
+        f"unknown model architecture {name!r}; {guess}OpenAI models: {', '.join(OPENAI_MODELS)}; {OFFLINE_NAMES}; "
         f"or any open_clip architecture (`python -m adapters.clip models --all` lists them)")
 
 
@@ -275,8 +278,9 @@ def similar_model_names(name: str) -> list[str]:
     known = [*OPENAI_MODELS, TINY, *open_clip.list_models()]
     same = [k for k in known if k.lower() == name.lower()]
     by_lower = {k.lower(): k for k in reversed(known)}  # the first spelling of each wins
+    swapped = [k for k in known if len(name) >= 3 and sorted(k.lower()) == sorted(name.lower())]  # 'tiyn'
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.8)
-    return list(dict.fromkeys(same + [by_lower[c] for c in close]))
+    return list(dict.fromkeys(same + swapped + [by_lower[c] for c in close]))
 
 
 def parse_model_spec(name: str, arch: Optional[str] = None) -> ModelSpec:
@@ -307,7 +311,8 @@ def parse_model_spec(name: str, arch: Optional[str] = None) -> ModelSpec:
         if close:
             raise ModelLoadError(f"unknown model {name!r} (no such name, and no such path); did you mean "
                                  f"{close[0]!r}? {MODELS_HINT}")
-        raise ModelLoadError(f"model path {name!r} does not exist ({MODELS_HINT})")
+        raise ModelLoadError(f"model path {name!r} does not exist, and it is no model name: OpenAI models are "
+                             f"{', '.join(OPENAI_MODELS)}; {OFFLINE_NAMES} ({MODELS_HINT})")
     resolved = resolve_arch(name)
     tags = open_clip.list_pretrained_tags_by_model(resolved)
     raise ModelLoadError(

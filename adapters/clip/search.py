@@ -26,7 +26,7 @@ import numpy as np
 from .ann import ANN_THRESHOLD, AnnIndex, ann_problem, ann_state
 from .errors import InputError
 from .exact import exact_search, top_k
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, supported_types
 from .filters import Condition
 from .matrix import MatrixSnapshot
 from .store import Store, repair_hint
@@ -50,11 +50,13 @@ class Term:
 _WEIGHTED = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:\s*(.+?)\s*$", re.S)
 
 
-def parse_query(text: str) -> list[Term]:
+def parse_query(text: str, *, images: bool = True) -> list[Term]:
     """'dog + beach - people', '2:cat + dog', 'image:me.jpg + "party hat"' -> terms.
 
     `+`/`-` are operators only with spaces around them ("t-shirt" is one word); double
-    quotes keep a term whole ("photo - 2.jpg").
+    quotes keep a term whole ("photo - 2.jpg"). A term naming an existing image file is an image
+    term; one that looks like an image path but names no file is an error (a typo must not
+    quietly become a text search). images=False reads every term as text (`search --text`).
     """
     terms = []
     for sign, raw in _split_terms(text):
@@ -62,7 +64,7 @@ def parse_query(text: str) -> list[Term]:
         weighted = _WEIGHTED.match(raw)
         if weighted:
             weight, body = float(weighted.group(1)), weighted.group(2)
-        kind, value = _term_kind(_unquote(body))
+        kind, value = _term_kind(_unquote(body)) if images else ("text", _unquote(body))
         terms.append(Term(sign * weight, kind, value))
     if not terms:
         raise InputError("empty query")
@@ -111,7 +113,20 @@ def _term_kind(text: str) -> tuple[str, str]:
     path = os.path.expanduser(text)
     if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(path):
         return "image", path
+    if looks_like_image_path(text):
+        if os.path.isfile(path):  # a photo of a kind that cannot be read here (HEIC, a camera's RAW)
+            raise InputError(f"{text}: not a supported image type (supported: {supported_types()}); "
+                             f"add --text to search for these words as text")
+        raise InputError(f"{text}: no such image file (to search for these words as text, add --text)")
     return "text", text
+
+
+def looks_like_image_path(text: str) -> bool:
+    """'~/x/qeury.jpg', 'IMG_0003.HEIC', './a b.png': an image file name, maybe with folders (not 'a dog')."""
+    stem, suffix = os.path.splitext(text.strip())
+    if suffix.lower() not in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES or not stem:
+        return False
+    return "/" in text or os.sep in text or text.startswith("~") or not any(c.isspace() for c in text.strip())
 
 
 def query_vector(terms: Sequence[Term], embedder: "Embedder") -> np.ndarray:
@@ -173,6 +188,7 @@ class SearchResult:
     candidates: int      # items that passed the filters
     seconds: float
     warnings: list[str] = field(default_factory=list)  # e.g. a --where key that no item has
+    best_score: Optional[float] = None  # the top score before `min_score` cut (why nothing passed it)
 
 
 class Searcher:
@@ -213,12 +229,13 @@ class Searcher:
             if passing < enough:
                 rows, scores = exact_search(snapshot.vectors, query, k, allowed)
                 method = "ann+exact"
+        best_score = float(scores.max()) if len(scores) else None
         if filters.min_score is not None:
             keep = scores >= filters.min_score
             rows, scores = rows[keep], scores[keep]
         hits = self._hits(snapshot, rows, scores)
         warnings = notes + (self._unknown_keys(filters) if candidates == 0 and filters.where else [])
-        return SearchResult(hits, method, candidates, time.perf_counter() - started, warnings)
+        return SearchResult(hits, method, candidates, time.perf_counter() - started, warnings, best_score)
 
     def _unknown_keys(self, filters: Filters) -> list[str]:
         """Why nothing matched, when the reason is a key no item has (a typo, or never indexed)."""
