@@ -242,3 +242,31 @@ def test_a_damaged_matrix_warns_once_and_an_empty_text_is_named(dated_store, tmp
     embedded = run("embed", "--text", "", "--text", "a dog", "--model", "tiny", "--out", str(tmp_path / "e"))
     assert embedded.returncode == 0
     assert "skipped --text '': empty text (its row 0 is NaN)" in embedded.stderr
+
+
+# ---- 6. contact sheets -------------------------------------------------------------------------------
+def test_a_tile_shows_the_whole_shortest_unique_path_however_deep():
+    from adapters.clip.sheets import distinct_names, tile_lines
+
+    paths = ["/home/me/photos/drawings/IMG_0003.png", "/home/me/photos/backup/drawings/IMG_0003.png",
+             "/home/me/photos/a-very-long-folder-name-that-will-not-fit-on-one-tile-line/IMG_0004.png"]
+    names = distinct_names(paths)
+    assert names == ["photos/drawings/IMG_0003.png", "backup/drawings/IMG_0003.png", "IMG_0004.png"]
+    for name in names:
+        lines = tile_lines(f"1. 0.912  2021-06-01\n{name}")
+        assert "".join(lines[1:]) == name and not any("…" in line for line in lines)
+    deep = tile_lines("1. 0.5\n" + "/".join(["folder"] * 20) + "/x.png")
+    assert deep[-1].endswith("…") and len(deep) == 4  # more than fits: cut at the end, with an ellipsis
+
+
+def test_sheet_is_written_in_the_format_its_extension_names(dated_store, tmp_path):
+    from PIL import Image
+
+    for name, expected in (("hits.jpg", "JPEG"), ("hits.webp", "WEBP"), ("hits.png", "PNG")):
+        result = run("search", "a photo", "--store", str(dated_store), "-k", "3", "--sheet", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        with Image.open(tmp_path / name) as sheet:
+            assert sheet.format == expected
+    wrong = run("search", "a photo", "--store", str(dated_store), "--sheet", str(tmp_path / "hits.txt"))
+    assert wrong.returncode == 1 and wrong.stdout == "" and not (tmp_path / "hits.txt").exists()
+    assert wrong.stderr.startswith(f"error: {tmp_path / 'hits.txt'}: a contact sheet is written as the image type")

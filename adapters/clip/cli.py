@@ -453,7 +453,8 @@ def add_search(sub) -> None:
     p.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
                    help="approximate search: auto (large stores with an index), on, off (exact)")
     p.add_argument("--json", action="store_true", help='print [{"path", "score", ...}]')
-    p.add_argument("--sheet", metavar="OUT.png", help="also draw the hits with their scores as a contact sheet")
+    p.add_argument("--sheet", metavar="OUT.png", help="also draw the hits with their scores as a contact sheet "
+                                                       "(.png, .jpg, .webp, ...: the type its extension names)")
     p.set_defaults(handler=cmd_search)
 
 
@@ -463,6 +464,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if not args.query and not args.image:
         raise UsageError("nothing to search for: give a query text and/or --image PATH")
+    if args.sheet:
+        from .sheets import sheet_format
+        sheet_format(args.sheet)  # a name that says no image type fails now, not after the search
     if args.k < 1:
         raise UsageError("-k must be >= 1")
     root = _store_root(args)
@@ -575,6 +579,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
+    if args.sheet:
+        from .sheets import sheet_format
+        sheet_format(args.sheet)
     images = expand_paths(args.images)
     if not images:
         raise UsageError("no images found in the given folders")

@@ -1,4 +1,5 @@
-"""Contact sheets: thumbnails with a caption each, in titled rows or a grid, written as one PNG.
+"""Contact sheets: thumbnails with a caption each, in titled rows or a grid, written as one image
+in the format the file's extension names (.png, .jpg, .webp, ...).
 
 People judge search results and zero-shot labels faster by looking than by reading paths.
 Drawn with PIL alone (no figure machinery), so a sheet of a hundred images takes a fraction
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -28,16 +30,20 @@ MUTED = (110, 110, 110)
 PLACEHOLDER = (215, 215, 215)
 FRAME = {True: (40, 160, 60), False: (200, 50, 40)}
 MAX_COLUMNS = 8
+# format -> the extension messages suggest for it
+SHEET_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
 
 
 def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 160, title: Optional[str] = None,
                   title_width: int = 220, max_tiles: Optional[int] = None, caption_lines: int = 2) -> Path:
-    """Write `rows` — each (row title, [(image, caption[, correct]), ...]) — as a PNG at `out`.
+    """Write `rows` — each (row title, [(image, caption[, correct]), ...]) — as an image at `out`
+    (format from its extension).
 
     A caption's newlines start new lines; each line wraps, and all of them share `caption_lines`.
     """
     if not rows:
         raise InputError("a contact sheet needs at least one row")
+    image_format = sheet_format(out)
     small, regular, large = _font(12), _font(14), _font(18)
     pad = 8
     line_height = _line_height(small)
@@ -61,22 +67,32 @@ def contact_sheet(rows: Sequence[Row], out: str | os.PathLike, *, thumb: int = 1
             _draw_tile(sheet, draw, tile, (left, top), thumb, small, caption_lines)
     out = Path(out)
     with atomic_path(out) as tmp:
-        sheet.save(tmp, format="PNG")
+        sheet.save(tmp, format=image_format)
     return out
+
+
+def sheet_format(out: str | os.PathLike) -> str:
+    """The format a sheet's file name asks for ('hits.jpg' -> 'JPEG'); InputError when it names none."""
+    suffix = Path(out).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format is None or image_format not in SHEET_FORMATS:
+        raise InputError(f"{out}: a contact sheet is written as the image type its extension names; use one of "
+                         f"{', '.join(sorted(SHEET_FORMATS.values()))}")
+    return image_format
 
 
 def grid_sheet(tiles: Sequence[Tile], out: str | os.PathLike, *, title: Optional[str] = None,
                columns: Optional[int] = None, thumb: int = 160) -> Path:
     """Tiles wrapped into a grid (about as wide as tall, at most MAX_COLUMNS across) under `title`.
 
-    Search hits and zero-shot labels share this layout; captions get three lines (score or label,
-    then the path that tells the file apart: `distinct_names`).
+    Search hits and zero-shot labels share this layout; captions get four lines (score or label,
+    then the path that tells the file apart, `distinct_names`, wrapped at its slashes, never cut).
     """
     if not tiles:
         raise InputError("a contact sheet needs at least one image")
     columns = columns or min(MAX_COLUMNS, max(1, math.ceil(math.sqrt(len(tiles)))))
     rows = [("", list(tiles[start:start + columns])) for start in range(0, len(tiles), columns)]
-    return contact_sheet(rows, out, thumb=thumb, title=title, title_width=0, caption_lines=3)
+    return contact_sheet(rows, out, thumb=thumb, title=title, title_width=0, caption_lines=4)
 
 
 def distinct_names(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -129,8 +145,13 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: Tile, origin
         for inset in range(3):
             draw.rectangle((left + inset, top + inset, left + thumb - 1 - inset, top + thumb - 1 - inset),
                            outline=FRAME[bool(correct)])
-    lines = _wrap(draw, str(caption), font, thumb, caption_lines)
-    _draw_lines(draw, (left, top + thumb + 4), lines, font, INK)
+    _draw_lines(draw, (left, top + thumb + 4), tile_lines(str(caption), thumb, caption_lines, font), font, INK)
+
+
+def tile_lines(caption: str, width: int = 160, max_lines: int = 4, font=None) -> list[str]:
+    """The lines a tile's caption is drawn as: wrapped to `width` pixels, paths broken at slashes."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return _wrap(draw, caption, font or _font(12), width, max_lines)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,10 +202,31 @@ def _wrap_paragraph(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> l
             continue
         if current:
             lines.append(current)
-        current = word if draw.textlength(word, font=font) <= width else _fit_tail(draw, word, font, width)
+        if draw.textlength(word, font=font) <= width:
+            current = word
+            continue
+        pieces = _split_path(draw, word, font, width)  # a path: its folders on their own lines, whole
+        lines.extend(pieces[:-1])
+        current = pieces[-1]
     if current:
         lines.append(current)
     return lines
+
+
+def _split_path(draw: ImageDraw.ImageDraw, word: str, font, width: int) -> list[str]:
+    """A word too long for a line, broken after its slashes ('backup/', 'drawings/', 'IMG_0003.png');
+    a piece that still does not fit keeps its end (the file name is what tells)."""
+    parts = re.findall(r"[^/]*/|[^/]+$", word)
+    lines: list[str] = []
+    current = ""
+    for part in parts:
+        if current and draw.textlength(current + part, font=font) > width:
+            lines.append(current)
+            current = ""
+        current += part
+    lines.append(current)
+    return [line if draw.textlength(line, font=font) <= width else _fit_tail(draw, line, font, width)
+            for line in lines]
 
 
 def _fit_tail(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
