@@ -240,6 +240,29 @@ class ClipAdapter(dl.BaseModelAdapter):
             self.logger.warning(f"item {inputs[index].item_id}: no embedding: {reason}")
         return vectors
 
+    # ---- text search of a dataset ----------------------------------------------------------
+    @user_errors
+    def search_dataset(self, dataset: dl.Dataset, text: str, k: Optional[int] = None,
+                       filters: Optional[dict] = None) -> tuple[list, dict]:
+        """The k items of `dataset` nearest to `text` by this model's own text tower (a fine-tuned
+        checkpoint's, on the model's engine), best first, among those `filters` (an items DQL query)
+        selects; uploads nothing. Returns (items, {"query": <the DQL it ran>, "results": [{id, name,
+        score}]}) with score the cosine similarity. The dataset must have been embedded by this model
+        (its feature set); see adapters/platform_search.py."""
+        from adapters.platform_search import SearchUnavailable, search_dataset
+
+        self._require_loaded()
+        entity = self.entity_or_none()
+        if entity is None:
+            raise ClipAdapterFailure("CLIP adapter: search_dataset needs the model entity (its feature set): "
+                                     "ClipAdapter(model_entity=model)")
+        try:
+            found = search_dataset(entity, self.embedder, dataset, text, k, filters, logger=self.logger)
+        except SearchUnavailable as exc:
+            raise ClipAdapterFailure(f"CLIP adapter: {exc}") from None
+        self.logger.info(f"search {text!r} in {dataset.name!r}: {len(found.items)} result(s)")
+        return found.items, found.json
+
     # ---- predict (zero-shot classification) ---------------------------------------------
     @user_errors
     def predict(self, batch: list, **kwargs) -> list:

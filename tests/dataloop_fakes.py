@@ -56,3 +56,39 @@ def prompt_json(text: str, image_url: Optional[str] = None) -> str:
         parts.insert(0, {"mimetype": "image/*", "value": image_url})
     parts.append({"mimetype": "metadata", "value": {"role": "user"}})
     return json.dumps({"shebang": "dataloop", "metadata": {"dltype": "prompt"}, "prompts": {"1": parts}})
+
+
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / "dataloop.json"
+
+
+def manifest_runner(module_name: str = "clip-module"):
+    """What a deployed model service does with an execution of one of its functions, as far as dtlpy and
+    the manifest show it: a fresh `ClipAdapter(model_entity=model)` (the module's init input), then the
+    function with its declared inputs by name (a `Dataset` input arrives as `{"dataset_id"}` and is
+    fetched; the rest as given). The outputs are stored by their declared names, `Item[]` as
+    `[{"item_id"}]`: how the agent really writes several outputs into `execution.output` cannot be seen
+    offline (docs/platform-tests.md)."""
+    from adapters.clip_adapter import ClipAdapter
+
+    manifest = json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
+    (module,) = [m for m in manifest["components"]["modules"] if m["name"] == module_name]
+    functions = {f["name"]: f for f in module["functions"]}
+
+    def run(execution: dict):
+        declared = functions[execution["functionName"]]
+        adapter = ClipAdapter(model_entity=dl.models.get(model_id=execution["modelId"]))
+        given = execution["input"]
+        kwargs = {}
+        for spec in declared["input"]:
+            if spec["name"] not in given:
+                continue
+            value = given[spec["name"]]
+            kwargs[spec["name"]] = dl.datasets.get(dataset_id=value["dataset_id"]) if spec["type"] == "Dataset" else value
+        returned = getattr(adapter, execution["functionName"])(**kwargs)
+        returned = returned if isinstance(returned, tuple) else (returned,)
+        output = {}
+        for spec, value in zip(declared["output"], returned):
+            output[spec["name"]] = [{"item_id": item.id} for item in value] if spec["type"] == "Item[]" else value
+        return output
+
+    return run

@@ -62,6 +62,7 @@ FUNCTIONS = {f["name"]: f for f in MODULE["functions"]}
 CONFIGS = {c["name"]: c for c in MANIFEST["components"]["computeConfigs"]}
 # Every flow dtlpy's BaseModelAdapter offers a model service (each carries dtlpy's own declaration).
 MODEL_FLOWS = ["embed_items", "embed_dataset", "predict_items", "predict_dataset", "train_model", "evaluate_model"]
+OWN_FUNCTIONS = ["search_dataset"]  # this app's, beyond dtlpy's model flows
 
 
 def config_of(function: str) -> dict:
@@ -72,7 +73,7 @@ def test_module_points_at_the_adapter_with_model_entity_init_input():
     assert (Path(__file__).parents[1] / MODULE["entryPoint"]).is_file()
     assert MODULE["className"] == "ClipAdapter"
     assert MODULE["initInputs"] == [{"type": "Model", "name": "model_entity"}]
-    assert sorted(FUNCTIONS) == sorted(MODEL_FLOWS)
+    assert sorted(FUNCTIONS) == sorted(MODEL_FLOWS + OWN_FUNCTIONS)
 
 
 @pytest.mark.parametrize("name", MODEL_FLOWS)
@@ -90,6 +91,18 @@ def test_each_function_takes_the_inputs_dtlpy_declares_for_it(name):
         expected = [("items", "Item[]"), ("json", "Json")]
     assert outputs == expected
     assert ours["displayName"] and ours["description"]
+
+
+def test_search_dataset_is_declared_with_the_adapters_parameters_on_the_interactive_config():
+    """Issue 13: the dataset browser's panel runs it while a user waits, like embed_items."""
+    declared = FUNCTIONS["search_dataset"]
+    assert [(i["name"], i["type"]) for i in declared["input"]] == [
+        ("dataset", "Dataset"), ("text", "String"), ("k", "Integer"), ("filters", "Json")]
+    assert [(o["name"], o["type"]) for o in declared["output"]] == [("items", "Item[]"), ("json", "Json")]
+    parameters = list(inspect.signature(ClipAdapter.search_dataset).parameters)[1:]
+    assert parameters == [i["name"] for i in declared["input"]]
+    assert config_of("search_dataset") == config_of("embed_items")
+    assert declared["displayName"] and declared["description"]
 
 
 # ---- compute configs by call length (docs/platform.md) ------------------------------------

@@ -261,19 +261,24 @@ def test_prepare_dataset_makes_prompt_items_that_train_model_trains_on(platform,
 # ---- the demo data through train_model then evaluate_model -----------------------------------------
 def shapes_dataset(platform, project):
     """adapters/demo.py's shapes (a coloured shape in one corner, captioned) as the platform holds them:
-    images in one dataset, captioned prompt items pointing at them in another, tagged train/validation."""
+    images in one dataset (under /shapes/<subset>/), captioned prompt items pointing at them in another,
+    tagged train/validation. Returns the prompts' dataset, the images' and the validation (caption, image id)."""
     from adapters import demo
 
     images = platform.add_dataset(project["id"], "shape-images")
     prompts = platform.add_dataset(project["id"], "shape-prompts")
     rng = np.random.default_rng(1)
+    validation = []
     for number, spec in enumerate(demo.scene_specs(seed=0)):
         buffer = io.BytesIO()
         demo.draw_shape(spec["colour"], spec["shape"], spec["corner"], rng).save(buffer, format="PNG")
-        image = platform.add_item(images["id"], f"/shapes/{number:04d}.png", buffer.getvalue(), "image/png")
+        image = platform.add_item(images["id"], f"/shapes/{spec['subset']}/{number:04d}.png", buffer.getvalue(),
+                                  "image/png")
         platform.add_prompt_item(prompts["id"], f"/shapes/{number:04d}.json", image["id"], spec["caption"],
                                  subset=spec["subset"])
-    return prompts
+        if spec["subset"] == "validation":
+            validation.append((spec["caption"], image["id"]))
+    return prompts, images, validation
 
 
 def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(platform, project):
@@ -281,7 +286,7 @@ def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(pla
     again; the model's metric plots hold the starting point, then a better one."""
     from adapters import demo
 
-    dataset = shapes_dataset(platform, project)
+    dataset, images, validation_pairs = shapes_dataset(platform, project)
     configuration = {**demo.DEMO_CONFIG, "num_epochs": 12, "early_stop": False, "num_workers": 0}
     model = make_model(platform, project, dataset, configuration)
     validation = platform.subset_filter("validation")
@@ -296,3 +301,24 @@ def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(pla
     assert tuned_r1 > start_r1
     report = json.loads(platform.artifact_files(model.id)["training/report.json"])
     assert report["data"]["validation_pairs"] == 48
+
+    # ... and where users search (issue 13): search_dataset, what the dataset browser's panel runs, over
+    # the validation images with each validation caption: the fine-tuned model finds the captioned image
+    # first more often than the model it started from, searching with its own text tower.
+    tuned = ClipAdapter(model_entity=dl.models.get(model_id=model.id))
+    start = ClipAdapter(model_entity=make_model(platform, project, dataset, configuration))  # never trained
+    shapes = dl.datasets.get(dataset_id=images["id"])
+    only_validation = {"filter": {"dir": "/shapes/validation"}}
+    recall, first = {}, {}
+    for name, adapter in (("start", start), ("tuned", tuned)):
+        adapter.embed_dataset(shapes, filters=only_validation)
+        outputs = [adapter.search_dataset(shapes, caption, k=1, filters=only_validation)[1]
+                   for caption, _ in validation_pairs]
+        recall[name] = np.mean([o["results"][0]["id"] == image for o, (_, image) in zip(outputs, validation_pairs)])
+        first[name] = outputs[0]
+    assert recall["tuned"] > recall["start"], recall
+    assert recall["tuned"] == pytest.approx(tuned_r1, abs=0.05)  # the platform's search agrees with evaluate_model
+    query = {n: np.asarray(first[n]["query"]["join"]["filter"]["value"]["$euclid"]["input"]) for n in first}
+    assert float(query["tuned"] @ query["start"]) < 0.99  # its own (fine-tuned) text tower, not the starting one
+    np.testing.assert_allclose(query["tuned"], tuned.embedder.embed_texts([validation_pairs[0][0]]).vectors[0],
+                               atol=1e-5)

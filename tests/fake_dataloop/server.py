@@ -347,6 +347,13 @@ class FakeGate:
             self.state.feature_sets[feature_set_id] = feature_set
             return Reply([feature_set])  # the gate answers a list
 
+    @route("POST", "/features/vectors/query")
+    def query_feature_vectors(self, request: Request) -> Reply:
+        """Feature vectors by DQL, paged (dtlpy's `feature_set.features.list(filters)`)."""
+        query = request.json() or {}
+        with self.state.lock:
+            return Reply(copy.deepcopy(dql.run(self.state.features.values(), query)))
+
     @route("POST", "/features/vectors")
     def create_feature_vectors(self, request: Request) -> Reply:
         """A list of {entityId, value, featureSetId, project, datasetId}; one vector per item and set
@@ -428,19 +435,24 @@ class FakeGate:
             execution_input = {"items": [{"item_id": i} for i in inputs.get("itemIds", [])]}
         with self.state.lock:
             model = self.state.models[model_id]
-            execution_id = self.state.new_id()
-            execution = {"id": execution_id, "projectId": model["projectId"],
-                         "serviceId": payload.get("config", {}).get("serviceId"), "functionName": function_name,
-                         "input": execution_input, "modelId": model_id, "createdAt": now_iso(),
-                         "updatedAt": now_iso(), "creator": self.state.user["email"], "attempts": 1,
-                         "latestStatus": {"status": "created", "percentComplete": 0, "timestamp": now_iso()},
-                         "statusLog": [], "url": f"{self.state.base_url}/executions/{execution_id}",
-                         "serviceName": "clip-service", "packageName": "clip", "packageId": None,
-                         "output": None, "duration": None}
-            self.state.executions[execution_id] = execution
+            execution = self._new_execution(model["projectId"], payload.get("config", {}).get("serviceId"),
+                                            function_name, execution_input, model_id, "clip-service")
         self._run_execution(execution)
         with self.state.lock:
             return Reply(copy.deepcopy(execution))
+
+    def _new_execution(self, project_id: str, service_id: Optional[str], function_name: str, inputs: dict,
+                       model_id: Optional[str], service_name: str) -> dict:
+        execution_id = self.state.new_id()
+        execution = {"id": execution_id, "projectId": project_id, "serviceId": service_id,
+                     "functionName": function_name, "input": inputs, "modelId": model_id, "createdAt": now_iso(),
+                     "updatedAt": now_iso(), "creator": self.state.user["email"], "attempts": 1,
+                     "latestStatus": {"status": "created", "percentComplete": 0, "timestamp": now_iso()},
+                     "statusLog": [], "url": f"{self.state.base_url}/executions/{execution_id}",
+                     "serviceName": service_name, "packageName": "clip", "packageId": None,
+                     "output": None, "duration": None}
+        self.state.executions[execution_id] = execution
+        return execution
 
     def _run_execution(self, execution: dict) -> None:
         def set_status(status: str, percent: int, message: Optional[str] = None) -> None:
@@ -455,12 +467,34 @@ class FakeGate:
             return
         set_status("in-progress", 0)
         try:
-            runner(copy.deepcopy(execution))
+            output = runner(copy.deepcopy(execution))
         except Exception as exc:  # noqa: BLE001 - an execution fails; the platform records why
             log.warning("fake Dataloop: execution %s failed: %s", execution["id"], traceback.format_exc())
             set_status("failed", 0, f"{type(exc).__name__}: {exc}")
         else:
+            with self.state.lock:
+                execution["output"] = copy.deepcopy(output)  # what the runner says the function returned
             set_status("success", 100)
+
+    # ---- services ----------------------------------------------------------------------------
+    @route("GET", f"/services/{ID}")
+    def get_service(self, request: Request) -> Reply:
+        with self.state.lock:
+            return Reply(self.state.services[request.match[1]])
+
+    @route("POST", f"/executions/{ID}")
+    def execute_service(self, request: Request) -> Reply:
+        """`service.execute(function_name=..., execution_input={...})`: an execution of one of the service's
+        functions on the inputs by name; run before answering, like the model routes above."""
+        service_id, payload = request.match[1], request.json() or {}
+        with self.state.lock:
+            service = self.state.services[service_id]
+            execution = self._new_execution(payload.get("projectId") or service["projectId"], service_id,
+                                            payload.get("functionName"), payload.get("input") or {},
+                                            service["metadata"]["ml"].get("modelId"), service["name"])
+        self._run_execution(execution)
+        with self.state.lock:
+            return Reply(copy.deepcopy(execution))
 
     # ---- executions --------------------------------------------------------------------------
     @route("GET", f"/executions/{ID}")

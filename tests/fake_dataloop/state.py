@@ -14,7 +14,7 @@ import mimetypes
 import threading
 from typing import Any, Callable, Optional
 
-from . import dql
+from . import dql, vectors
 
 # Ids are 24 hex digits, like the platform's ObjectIds, and increase with creation: dtlpy splits
 # datasets by id ranges (Filters._get_split_filters), so they must sort and bisect like the real ones.
@@ -43,6 +43,7 @@ class PlatformState:
         self.executions: dict[str, dict] = {}
         self.commands: dict[str, dict] = {}
         self.packages: dict[str, dict] = {}
+        self.services: dict[str, dict] = {}
         self.requests: list[str] = []          # "METHOD /path" of every request, in order
         self.unimplemented: list[str] = []     # requests the fake has no route for
         # What a deployed model service does with an execution (see FakeDataloop.on_execution).
@@ -173,6 +174,23 @@ class PlatformState:
             self.models[model_id] = model
             return model
 
+    def add_service(self, model_id: str, name: Optional[str] = None, module_name: str = "clip-module") -> dict:
+        """A deployed model's service (what `model.deploy()` makes): listed in the model's
+        `metadata.system.deploy.services`, its `metadata.ml.modelId` the model's."""
+        with self.lock:
+            model = self.models[model_id]
+            service_id = self.new_id()
+            service = {"id": service_id, "name": name or f"model-{model['name']}", "projectId": model["projectId"],
+                       "packageId": model["packageId"], "moduleName": module_name, "version": "1.0.0",
+                       "packageRevision": "1.0.0", "initParams": {"model_entity": model_id}, "runtime": {},
+                       "metadata": {"ml": {"modelId": model_id, "modelOperation": "deploy"}}, "active": True,
+                       "creator": self.user["email"], "createdAt": now_iso(), "updatedAt": now_iso(),
+                       "url": f"{self.base_url}/services/{service_id}"}
+            self.services[service_id] = service
+            model["metadata"]["system"].setdefault("deploy", {}).setdefault("services", []).append(service_id)
+            model["status"] = "deployed"
+            return service
+
     @staticmethod
     def subset_filter(subset: str) -> dict:
         """The item query of an ML subset, as the platform writes it in `model.metadata.system.subsets`."""
@@ -230,6 +248,8 @@ class PlatformState:
         items = [i for i in self.items.values() if i["datasetId"] == dataset_id]
         selected = [i for i in items if dql.matches(i, query.get("filter"))]
         join = query.get("join") or {}
+        if vectors.is_vector_join(join):  # vector search: tests/fake_dataloop/vectors.py
+            return vectors.join_items(selected, join, self.features.values(), query.get("sort"))
         if join.get("filter"):
             annotations = list(self.annotations.values())
             selected = [i for i in selected
