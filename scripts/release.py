@@ -4,8 +4,9 @@
     python scripts/release.py 2.0.1 --project "My Project"   # the release itself
 
 The version lives in `adapters/clip/__init__.py` (`__version__`). dataloop.json repeats it as the
-app `version`, the codebase `gitTag` and the tag of every compute config's `runnerImage`;
-`versions()` reads all of them and tests/test_release.py checks that they agree.
+app `version`, the codebase `gitTag`, the tag of every compute config's `runnerImage` and the tag in
+each panel script's `source` (a raw GitHub URL of the tagged file: the browser loads the script of the
+released version); `versions()` reads all of them and tests/test_release.py checks that they agree.
 
 Steps, in order (each printed before it runs; `--dry-run` prints them all and runs none):
  1. the working tree is clean and the tag is new, here and on `origin`;
@@ -52,7 +53,19 @@ def versions(root: Path = ROOT) -> dict[str, str]:
     for config in manifest["components"]["computeConfigs"]:
         image = config["runtime"]["runnerImage"]
         found[f"dataloop.json runnerImage of {config['name']}"] = image.rsplit(":", 1)[1] if ":" in image else ""
+    for name, invoke in panel_scripts(manifest):
+        found[f"dataloop.json script source of panel {name}"] = RAW_SOURCE.match(invoke["source"]).group(2)
     return found
+
+
+# https://raw.githubusercontent.com/<owner>/<repository>/<tag>/<path>: a panel script at a release's tag.
+RAW_SOURCE = re.compile(r"^(https://raw\.githubusercontent\.com/[^/]+/[^/]+/)([^/]+)(/.+)$")
+
+
+def panel_scripts(manifest: dict) -> list[tuple[str, dict]]:
+    """(panel name, its slot's `invoke`) of every panel that runs a script."""
+    return [(panel["name"], slot["configuration"]["invoke"]) for panel in manifest["components"].get("panels", [])
+            for slot in panel.get("supportedSlots", []) if slot["configuration"]["invoke"].get("type") == "script"]
 
 
 def runner_images(root: Path = ROOT) -> set[str]:
@@ -72,6 +85,8 @@ def set_version(version: str, root: Path = ROOT) -> None:
     for config in manifest["components"]["computeConfigs"]:
         repository = config["runtime"]["runnerImage"].rsplit(":", 1)[0]
         config["runtime"]["runnerImage"] = f"{repository}:{version}"
+    for _, invoke in panel_scripts(manifest):
+        invoke["source"] = RAW_SOURCE.sub(lambda m: f"{m.group(1)}{version}{m.group(3)}", invoke["source"])
     write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 

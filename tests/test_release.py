@@ -23,7 +23,13 @@ def test_the_version_is_the_same_everywhere():
     found = release.versions()
     assert set(found.values()) == {adapters.clip.__version__}, found
     manifest = json.loads((ROOT / "dataloop.json").read_text())
-    assert len(found) == 3 + len(manifest["components"]["computeConfigs"])  # every runnerImage is counted
+    # every runnerImage and panel script source is counted
+    assert len(found) == 3 + len(manifest["components"]["computeConfigs"]) + len(release.panel_scripts(manifest))
+    assert release.panel_scripts(manifest)  # the dataset browser's search panel (issue 13)
+    for _, invoke in release.panel_scripts(manifest):
+        match = release.RAW_SOURCE.match(invoke["source"])
+        assert match.group(1) == manifest["codebase"]["gitUrl"].replace("github.com", "raw.githubusercontent.com") + "/"
+        assert (ROOT / match.group(3).lstrip("/")).is_file()  # the script the released tag serves
 
 
 def test_every_compute_config_runs_one_image_repository_that_is_not_a_placeholder():
@@ -50,6 +56,8 @@ def test_set_version_writes_every_place_and_nothing_else(copy_of_the_versioned_f
         manifest["version"] = manifest["codebase"]["gitTag"] = None
         for config in manifest["components"]["computeConfigs"]:
             config["runtime"]["runnerImage"] = config["runtime"]["runnerImage"].rsplit(":", 1)[0]
+        for _, invoke in release.panel_scripts(manifest):
+            invoke["source"] = release.RAW_SOURCE.sub(r"\1\3", invoke["source"])
     assert after == before
     assert (root / "dataloop.json").read_text().endswith("}\n")
     source = (root / release.VERSION_FILE).read_text()
