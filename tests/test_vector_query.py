@@ -11,16 +11,16 @@ from adapters.clip.vector_query import (DEFAULT_ITEMS_FILTER, MAX_K, check_k, co
 
 
 def test_the_query_vector_is_the_local_searchs(embedder):
-    for text in ("a red square", "dog + beach - people", "2:cat + dog", "t-shirt"):
-        query = embed_text_query(text, embedder)
-        np.testing.assert_array_equal(query.vector, query_vector(parse_query(text), embedder))
+    for text in ("a red square", "dog + beach - people", "2:cat + dog", "t-shirt", "beach.jpg", "image:x.png"):
+        query = embed_text_query(text, embedder)  # every term text, as `search --text` reads it
+        np.testing.assert_array_equal(query.vector, query_vector(parse_query(text, images=False), embedder))
         assert query.vector.dtype == np.float32 and abs(np.linalg.norm(query.vector) - 1) < 1e-5
         assert not query.fills_context
 
 
 @pytest.mark.parametrize("text, message", [("", "empty"), ("  \t", "empty"), (None, "must be a string"),
-                                           (3, "must be a string"), ("image:x.png + dog", "need a local file"),
-                                           ("dog + ", "ends with an operator")])
+                                           (3, "must be a string"), ("dog + ", "ends with an operator"),
+                                           ("dog + + cat", "two operators")])
 def test_bad_query_texts(embedder, text, message):
     with pytest.raises(InputError, match=message):
         embed_text_query(text, embedder)
@@ -31,6 +31,7 @@ def test_a_text_as_long_as_the_context_is_flagged(embedder):
     assert embed_text_query(" ".join(["red"] * (context + 10)), embedder).fills_context
     assert embed_text_query("red " * 3 + "+ " + "blue " * (context + 10), embedder).fills_context
     assert not embed_text_query("red " * (context // 4), embedder).fills_context
+    assert not embed_text_query(" ".join(["red"] * (context - 2)), embedder).fills_context  # exactly full
 
 
 @pytest.mark.parametrize("k, ok", [(1, True), (MAX_K, True), (50.0, True), (0, False), (MAX_K + 1, False),

@@ -41,23 +41,27 @@ class TextQuery:
 def embed_text_query(text: object, embedder: "Embedder") -> TextQuery:
     """`text` (query arithmetic allowed: "dog + beach - people") as one unit vector of `embedder`'s model.
 
-    Image terms ("image:photo.jpg") name local files, which a platform service does not have: refused.
+    Every term is text (`search --text`): a platform service has no local image files to read, and
+    "beach.jpg" typed in a search box means those words.
     """
     if not isinstance(text, str):
         raise InputError(f"the query text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise InputError("the query text is empty: give the words to search for")
-    terms = parse_query(text)
-    images = [t.value for t in terms if t.kind == "image"]
-    if images:
-        raise InputError(f"image terms ({', '.join(images)}) need a local file; search by text here")
+    terms = parse_query(text, images=False)
     return TextQuery(text, query_vector(terms, embedder), any(fills_context(t.value, embedder) for t in terms))
 
 
 def fills_context(text: str, embedder: "Embedder") -> bool:
-    """True when `text` takes the model's whole token context (77 for OpenAI's CLIP): the tokenizer
-    then cut whatever came after. CLIP's tokenizers pad with 0, so the last position tells."""
-    tokens = np.asarray(embedder.clip.tokenizer([text.strip()]))
+    """True when the model reads only the start of `text`: its tokens (with the start and end ones)
+    exceed the context (77 for OpenAI's CLIP), the rule the command line warns by. A tokenizer without
+    `encode` is asked for the tokens: CLIP's pad with 0, so a filled last position tells."""
+    tokenizer = embedder.clip.tokenizer
+    context = getattr(tokenizer, "context_length", None)
+    encode = getattr(tokenizer, "encode", None)
+    if context and encode is not None:
+        return len(encode(text.strip())) + 2 > context
+    tokens = np.asarray(tokenizer([text.strip()]))
     return bool(tokens.shape[-1] and tokens[0, -1] != 0)
 
 
