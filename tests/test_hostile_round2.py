@@ -228,3 +228,73 @@ def test_a_huge_text_item_is_read_only_as_far_as_the_model_reads(caplog):
     text, error = decode_payload(TEXT, "café au lait. ".encode() * 100_000)
     assert error is None and len(text.encode()) <= MAX_TEXT_BYTES and text.startswith("café au lait.")
     assert "only its first 65536 are read" in caplog.text
+
+
+# ---- 9. a vector blob of the wrong length in the database -----------------------------------------
+@pytest.fixture
+def damaged_store(tmp_path, embedder):
+    """Six indexed images, then one item's vector overwritten in SQLite with 12 bytes (as the tester did)."""
+    import sqlite3
+
+    from adapters.clip.indexing import IndexOptions, index
+    from adapters.clip.store import CURRENT, DB_FILE
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = []
+    for i in range(6):
+        pattern_image(60 + i).save(folder / f"d{i}.png")
+        paths.append(folder / f"d{i}.png")
+    root = tmp_path / "store"
+    index(root, embedder, [folder], IndexOptions(subset="train", show_progress=False, ann="off"))
+    data = root / (root / CURRENT).read_text().strip()
+    with sqlite3.connect(data / DB_FILE) as conn:
+        victim = str(paths[2])
+        original = np.frombuffer(conn.execute("SELECT vector FROM items WHERE path = ?", (victim,)).fetchone()[0],
+                                 dtype="<f4").copy()
+        conn.execute("UPDATE items SET vector = ? WHERE path = ?", (b"\x00" * 12, victim))
+    return folder, root, data, paths, original
+
+
+def stored_vector(root: Path, path: Path) -> np.ndarray:
+    from adapters.clip.store import Store
+    with Store.open(root, readonly=True) as store:
+        return store.vector(store.item_by_path(path).id)
+
+
+def test_check_reports_a_malformed_vector_and_repair_takes_it_back_from_the_matrix(damaged_store, capsys):
+    folder, root, _, paths, original = damaged_store
+    assert main(["check", "--store", str(root)]) == 1
+    out = capsys.readouterr()
+    assert "problem: 1 item(s) have a vector of the wrong length" in out.out and "Traceback" not in out.err
+
+    assert main(["search", "--image", str(paths[2]), "--store", str(root), "-k", "1", "--json", "--engine",
+                 "torch", "--model", "tiny"]) == 0
+    out = capsys.readouterr()
+    assert strict(out.out)[0]["path"] == str(paths[2])  # the matrix still holds it: the answer is right
+    assert "damaged vector in the database" in out.err and "check --store" in out.err
+
+    assert main(["check", "--store", str(root), "--repair"]) == 0
+    assert "repaired: restored from the matrix" in capsys.readouterr().out
+    assert main(["check", "--store", str(root)]) == 0
+    np.testing.assert_array_equal(stored_vector(root, paths[2]), original)
+
+
+def test_a_malformed_vector_lost_from_the_matrix_too_is_embedded_again_by_index(damaged_store, embedder, capsys):
+    from adapters.clip.indexing import IndexOptions, index
+    from adapters.clip.matrix import VECTORS_FILE
+    from adapters.clip.store import Store
+
+    folder, root, data, paths, original = damaged_store
+    (data / VECTORS_FILE).write_bytes(bytes((data / VECTORS_FILE).stat().st_size))  # the matrix lost it too
+    assert main(["check", "--store", str(root), "--repair"]) == 1  # what it cannot restore, it says
+    out = capsys.readouterr().out
+    assert "not in the matrix any more" in out and "index` embeds their files again" in out
+
+    summary = index(root, embedder, [folder], IndexOptions(show_progress=False, ann="off"))
+    assert any("damaged vector" in note and "embedded again" in note for note in summary.notes)
+    assert (summary.updated, summary.items) == (1, 6)
+    assert main(["check", "--store", str(root)]) == 0
+    np.testing.assert_allclose(stored_vector(root, paths[2]), original, atol=1e-6)
+    with Store.open(root, readonly=True) as store:
+        assert store.item_by_path(paths[2]).subset == "train"  # its attributes kept

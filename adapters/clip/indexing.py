@@ -416,8 +416,13 @@ class _IndexPass:
         """Files whose size or mtime changed (or are new); the rest cost one stat each."""
         to_check: list[FileStat] = []
         relabel: list[tuple[int, dict[str, Any]]] = []
+        damaged = 0
         for stat in self.files:
             record = self.known.get(stat.path)
+            if record is not None and not self._intact(record):
+                damaged += 1  # its stored vector is damaged: embedded again from the file
+                to_check.append(stat)
+                continue
             if record is not None and record.size == stat.size and record.mtime_ns == stat.mtime_ns:
                 self.summary.unchanged += 1
                 # photo metadata is read once: for items indexed before it was, read it now
@@ -434,7 +439,13 @@ class _IndexPass:
             with self.store.transaction() as txn:
                 for item_id, changes in relabel:
                     txn.set_attributes(item_id, **changes)
+        if damaged:
+            self.summary.notes.append(f"{damaged} item(s) had a damaged vector in the database (a blob of the wrong "
+                                      f"length): embedded again from their files")
         return to_check
+
+    def _intact(self, record: ItemRecord) -> bool:
+        return record.vector_bytes == self.store.vector_bytes
 
     def _wanted(self, path: str, photo: bool = True) -> dict[str, Any]:
         """This run's attributes for `path`, over its photo metadata (a --meta value wins)."""
@@ -463,7 +474,7 @@ class _IndexPass:
     def _reuse(self, stat: FileStat, content: str) -> bool:
         """Same bytes as before (touched), as a vanished item (moved), or as any stored item (copied)."""
         record = self.known.get(stat.path)
-        if record is not None and record.hash == content:
+        if record is not None and record.hash == content and self._intact(record):
             self.pending.add(lambda txn, i=record.id, s=stat: txn.touch(i, s))
             self.summary.unchanged += 1
             return True

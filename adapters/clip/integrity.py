@@ -62,6 +62,7 @@ def _check(root: Path, report: CheckReport, repair: bool) -> CheckReport:
         if not report.problems:
             with Store.open(root, readonly=True) as store:
                 _check_database(store, report)
+                _check_vectors(store, report, repair=False)
                 _check_matrix(store, report, repair=False)
                 _check_ann(store, report, repair=False, matrix_rebuilt=False)
         return report
@@ -74,6 +75,7 @@ def _check(root: Path, report: CheckReport, repair: bool) -> CheckReport:
             _check_database(store, report)
             if report.problems[len(report.repaired):]:
                 return report  # a damaged database: rewriting the matrix from it would spread the damage
+            _check_vectors(store, report, repair=True)  # first: the matrix may still hold what they lost
             matrix_rebuilt = _check_matrix(store, report, repair=True)
             _check_ann(store, report, repair=True, matrix_rebuilt=matrix_rebuilt)
     return report
@@ -116,6 +118,45 @@ def _check_database(store: Store, report: CheckReport) -> None:
         report.problems.append(f"item row {top_row} is beyond the database's next_row {meta['next_row']}")
     if top_gen is not None and top_gen > int(meta["generation"]):
         report.problems.append(f"item generation {top_gen} is beyond the database's generation {meta['generation']}")
+
+
+def _check_vectors(store: Store, report: CheckReport, *, repair: bool) -> None:
+    """Vector blobs of the wrong length in the database (a stray write, a damaged page). Repair takes
+    each back from the matrix when the matrix provably holds it (checksums and generation hold, the
+    row still belongs to the item); the rest are embedded again from their files by `index`."""
+    damaged = store.malformed_items()
+    if not damaged:
+        return
+    listed = ", ".join(f"{path} ({length} bytes)" for _, path, _, length in damaged[:3])
+    problem = (f"{len(damaged)} item(s) have a vector of the wrong length in the database (expected "
+               f"{store.vector_bytes} bytes): {listed}{', ...' if len(damaged) > 3 else ''}")
+    report.problems.append(problem)
+    recovered = _vectors_in_matrix(store, damaged)
+    if repair and recovered:
+        store.restore_vectors(recovered)
+    lost = [path for item_id, path, _, _ in damaged if item_id not in recovered]
+    if repair and not lost:
+        report.repaired.append(f"restored from the matrix: {problem}")
+        return
+    if recovered and not repair:
+        report.notes.append(f"`check --repair` restores {len(recovered)} of them from the matrix")
+    if lost:
+        report.notes.append(f"{len(lost)} damaged vector(s) are not in the matrix any more (e.g. {lost[0]}): "
+                            f"`python -m adapters.clip index` embeds their files again, keeping their subset, "
+                            f"caption and metadata")
+
+
+def _vectors_in_matrix(store: Store, damaged: list[tuple[int, str, int, int]]) -> dict[int, np.ndarray]:
+    """{item id: vector} for the damaged items whose row in an intact, up-to-date matrix is still theirs."""
+    state = store.matrix.state()
+    if state is None or state.generation != store.generation() or store.matrix.problems(state):
+        return {}
+    snapshot = store.matrix.open(state)
+    found = {}
+    for item_id, _, row, _ in damaged:
+        if row < snapshot.rows and snapshot.ids[row] == item_id and np.isfinite(snapshot.vectors[row]).all():
+            found[item_id] = np.array(snapshot.vectors[row])
+    return found
 
 
 def _check_matrix(store: Store, report: CheckReport, *, repair: bool) -> bool:
@@ -172,6 +213,9 @@ def matrix_problems(store: Store) -> list[str]:
         referenced[rows] = True
         wrong += int(np.count_nonzero((snapshot.ids[rows] != ids)
                                       | np.any(snapshot.vectors[rows] != vectors, axis=1)))
+    for row in store.malformed.values():  # known items (reported by _check_vectors), not strays
+        if row < snapshot.rows:
+            referenced[row] = True
     stray = int(np.count_nonzero(snapshot.ids[~referenced] != 0))
     if wrong:
         found.append(f"{wrong} matrix rows differ from the database's vectors")

@@ -233,7 +233,7 @@ class Searcher:
         if filters.min_score is not None:
             keep = scores >= filters.min_score
             rows, scores = rows[keep], scores[keep]
-        hits = self._hits(snapshot, rows, scores)
+        hits = self._hits(snapshot, rows, scores, notes)
         warnings = notes + (self._unknown_keys(filters) if candidates == 0 and filters.where else [])
         return SearchResult(hits, method, candidates, time.perf_counter() - started, warnings, best_score)
 
@@ -306,9 +306,14 @@ class Searcher:
             rows, scores = rows[best], scores[best]
         return rows, scores
 
-    def _hits(self, snapshot: MatrixSnapshot, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    def _hits(self, snapshot: MatrixSnapshot, rows: np.ndarray, scores: np.ndarray,
+              notes: Optional[list[str]] = None) -> list[Hit]:
         ids = snapshot.ids[rows]
         records = self.store.items(ids.tolist())
+        damaged = [r.path for r in records.values() if r.vector_bytes != self.store.vector_bytes]
+        if damaged and notes is not None:  # the matrix holds their vectors; the database has lost them
+            notes.append(f"{len(damaged)} hit(s) have a damaged vector in the database (e.g. {damaged[0]}); "
+                         f"{repair_hint(self.store.root)}")
         hits = []
         for row, item_id, score in zip(rows.tolist(), ids.tolist(), scores.tolist()):
             record = records.get(item_id)

@@ -247,14 +247,16 @@ class ItemRecord:
     subset: Optional[str] = None
     caption: Optional[str] = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    vector_bytes: int = -1  # the length of its vector in the database (SQLite reads it without the blob)
 
 
-_ITEM_COLUMNS = "id, path, size, mtime_ns, hash, row, subset, caption, metadata"
+_ITEM_COLUMNS = "id, path, size, mtime_ns, hash, row, subset, caption, metadata, length(vector)"
 
 
 def _record(row: tuple) -> ItemRecord:
     return ItemRecord(id=row[0], path=row[1], size=row[2], mtime_ns=row[3], hash=row[4], row=row[5],
-                      subset=row[6], caption=row[7], metadata=typed_metadata(json.loads(row[8] or "{}")))
+                      subset=row[6], caption=row[7], metadata=typed_metadata(json.loads(row[8] or "{}")),
+                      vector_bytes=row[9])
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,7 @@ class Store:
         self._snapshot: Optional[MatrixSnapshot] = None
         self._search_index: Optional[tuple[Any, Any]] = None  # (key, index): search.py's loaded ANN index
         self.warnings: list[str] = []          # what a read-only store found and could not fix
+        self.malformed: dict[int, int] = {}     # item id -> row of damaged vector blobs met so far
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -532,13 +535,34 @@ class Store:
             yield _record(row)
 
     def vector(self, item_id: int) -> Optional[np.ndarray]:
-        row = self.conn.execute("SELECT vector FROM items WHERE id = ?", (item_id,)).fetchone()
+        """The item's vector; None when there is no such item or its stored vector is damaged."""
+        row = self.conn.execute("SELECT vector FROM items WHERE id = ? AND length(vector) = ?",
+                                (item_id, self.vector_bytes)).fetchone()
         return np.frombuffer(row[0], dtype="<f4").astype(np.float32) if row else None
 
     def vector_for_hash(self, content_hash: str) -> Optional[np.ndarray]:
         """The vector of any item with this content: identical bytes need no second embedding."""
-        row = self.conn.execute("SELECT vector FROM items WHERE hash = ? LIMIT 1", (content_hash,)).fetchone()
+        row = self.conn.execute("SELECT vector FROM items WHERE hash = ? AND length(vector) = ? LIMIT 1",
+                                (content_hash, self.vector_bytes)).fetchone()
         return np.frombuffer(row[0], dtype="<f4").astype(np.float32) if row else None
+
+    @property
+    def vector_bytes(self) -> int:
+        """The length of a well-formed vector blob (float32 x dim)."""
+        return 4 * self.binding.dim
+
+    def malformed_items(self) -> list[tuple[int, str, int, int]]:
+        """(id, path, row, length) of the items whose vector blob has the wrong length (a stray write,
+        a damaged page): they are skipped wherever vectors are read, and reported. Reads every row."""
+        return self.conn.execute("SELECT id, path, row, length(vector) FROM items WHERE length(vector) != ? "
+                                 "ORDER BY path", (self.vector_bytes,)).fetchall()
+
+    def restore_vectors(self, vectors: dict[int, np.ndarray]) -> None:
+        """Write back {item id: vector} over damaged blobs, the rows unchanged (the matrix already holds
+        these vectors, so no generation passes)."""
+        with writer_lock(self.root), _immediate(self.conn):
+            self.conn.executemany("UPDATE items SET vector = ? WHERE id = ?",
+                                  [(_blob(v), item_id) for item_id, v in vectors.items()])
 
     def rows_matching(self, *, subsets: Sequence[str] = (), where: Sequence[Condition] = (),
                       path_glob: Optional[str] = None) -> np.ndarray:
@@ -679,19 +703,37 @@ class Store:
 
     def _changed_rows(self, since: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         found = self.conn.execute("SELECT row, id, vector FROM items WHERE gen > ?", (since,)).fetchall()
-        rows = np.array([r[0] for r in found], dtype=np.int64)
-        ids = np.array([r[1] for r in found], dtype=np.int64)
-        vectors = np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(len(found), self.binding.dim)
-        return rows, ids, vectors
+        return self._as_arrays(found)
 
     def iter_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, ids, vectors) of every item, in chunks; an item whose vector blob is damaged is left
+        out (its row is then dead in a matrix built from this) and reported in `warnings`."""
         cursor = self.conn.execute("SELECT row, id, vector FROM items")
         while True:
             found = cursor.fetchmany(CHUNK_ROWS)
             if not found:
                 return
-            yield (np.array([r[0] for r in found], dtype=np.int64), np.array([r[1] for r in found], dtype=np.int64),
-                   np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(len(found), self.binding.dim))
+            yield self._as_arrays(found)
+
+    def _as_arrays(self, found: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        intact = [isinstance(r[2], bytes) and len(r[2]) == self.vector_bytes for r in found]
+        good = [r for r, ok in zip(found, intact) if ok]
+        if len(good) < len(found):
+            self._report_malformed([(r[1], r[0]) for r, ok in zip(found, intact) if not ok])
+        return (np.array([r[0] for r in good], dtype=np.int64), np.array([r[1] for r in good], dtype=np.int64),
+                np.frombuffer(b"".join(r[2] for r in good), dtype="<f4").reshape(len(good), self.binding.dim))
+
+    def _report_malformed(self, found: list[tuple[int, int]]) -> None:
+        """Damaged vector blobs met while reading: remembered (id -> row) and said once."""
+        said = self._malformed_warning()
+        self.malformed.update(found)
+        if self._malformed_warning() != said:
+            self.warnings = [w for w in self.warnings if w != said] + [self._malformed_warning()]
+            log.warning(self.warnings[-1])
+
+    def _malformed_warning(self) -> str:
+        return (f"store {self.root}: {len(self.malformed)} item(s) have a damaged vector in the database (a blob "
+                f"of the wrong length), left out; {repair_hint(self.root)}")
 
     # ---- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
