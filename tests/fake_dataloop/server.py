@@ -20,7 +20,7 @@ import traceback
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import dql
 from .state import PlatformState, now_iso
@@ -150,6 +150,13 @@ class FakeGate:
     @route("GET", f"/projects/{ID}")
     def get_project(self, request: Request) -> Reply:
         return Reply(self.state.projects[request.match[1]])
+
+    @route("GET", "/projects/([^/]+)/name")
+    def get_projects_by_name(self, request: Request) -> Reply:
+        """`dl.projects.get(project_name=...)`: every project of that name (dtlpy quotes the name in the path)."""
+        name = unquote(request.match[1])
+        with self.state.lock:
+            return Reply([p for p in self.state.projects.values() if p["name"] == name])
 
     @route("GET", f"/packages/{ID}")
     def get_package(self, request: Request) -> Reply:
