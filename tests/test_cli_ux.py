@@ -270,3 +270,25 @@ def test_sheet_is_written_in_the_format_its_extension_names(dated_store, tmp_pat
     wrong = run("search", "a photo", "--store", str(dated_store), "--sheet", str(tmp_path / "hits.txt"))
     assert wrong.returncode == 1 and wrong.stdout == "" and not (tmp_path / "hits.txt").exists()
     assert wrong.stderr.startswith(f"error: {tmp_path / 'hits.txt'}: a contact sheet is written as the image type")
+
+
+# ---- 9. prepare warns of captions that say little ----------------------------------------------------
+def test_prepare_warns_of_captions_from_years_and_storage_folder_names(tmp_path):
+    library = tmp_path / "library"
+    for i, folder in enumerate(["2015", "2015", "2016-06", "drawings", "golden_retriever", "golden_retriever"]):
+        (library / folder).mkdir(parents=True, exist_ok=True)
+        pattern_image(i).save(library / folder / f"{i}.png")
+    (library / "drawings" / "3.txt").write_text("a pencil drawing of a cat\n")  # a sidecar: not from the name
+    result = run("prepare", str(library), "--out", str(tmp_path / "m.jsonl"))
+    assert result.returncode == 0, result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: captions from folder names that say little about the images: "
+                              "'a photo of a 2015' (2 images), 'a photo of a 2016 06' (1 image). Write captions in "
+                              "sidecar <image>.txt files or a --captions CSV, or give a --template")
+    assert "golden" not in warning and "drawings" not in warning
+    good = tmp_path / "good"
+    (good / "golden_retriever").mkdir(parents=True)
+    pattern_image(0).save(good / "golden_retriever" / "a.png")
+    pattern_image(1).save(good / "golden_retriever" / "b.png")
+    quiet = run("prepare", str(good), "--out", str(tmp_path / "g.jsonl"))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr

@@ -665,7 +665,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UsageError("--template needs '{}' where the directory name goes")
     result = prepare_folder(args.folder, val=args.val, seed=args.seed, captions_csv=args.captions,
                             template=args.template)
+    _warn_poor_captions(result.pairs, args.template)
     return _finish_manifest(result, args)
+
+
+def _warn_poor_captions(pairs, template: str) -> None:
+    """Folder names like '2015' or 'drawings' make captions that teach a model little: say so, and what helps."""
+    from .folders import poor_caption_folders, template_caption
+    poor = poor_caption_folders(pairs)
+    if not poor:
+        return
+    shown = ", ".join(f"{template_caption(name, template)!r} ({count} image{'s' if count != 1 else ''})"
+                      for name, count in sorted(poor.items(), key=lambda kv: -kv[1])[:5])
+    more = f" and {len(poor) - 5} more folders" if len(poor) > 5 else ""
+    print(f"warning: captions from folder names that say little about the images: {shown}{more}. Write "
+          f"captions in sidecar <image>.txt files or a --captions CSV, or give a --template that fits the folders "
+          f"(e.g. --template 'a photo taken in {{}}' for years)", file=sys.stderr)
 
 
 def add_convert(sub) -> None:

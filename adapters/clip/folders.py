@@ -20,6 +20,13 @@ from .splits import split_by_image
 
 DEFAULT_TEMPLATE = "a photo of a {}"
 VALIDATION_DIR_NAMES = ("validation", "val", "valid")
+# Folder names that say where files are kept, not what they show: poor captions ("a photo of a photos").
+STORAGE_FOLDER_NAMES = frozenset({
+    "photos", "photo", "pictures", "picture", "pics", "images", "image", "img", "imgs", "dcim", "camera",
+    "camera roll", "downloads", "download", "desktop", "documents", "new folder", "untitled folder", "misc",
+    "other", "others", "backup", "backups", "export", "exports", "import", "imports", "upload", "uploads", "tmp",
+    "temp", "data", "dataset", "files", "scans", "screenshots", "drawings", "sorted", "unsorted", "old", "new",
+    "all", "archive", "raw", "edited", "final", "originals", "iphone", "android", "whatsapp images", "test"})
 
 
 def humanize(name: str) -> str:
@@ -31,6 +38,22 @@ def template_caption(label: str, template: str = DEFAULT_TEMPLATE) -> str:
     if "{}" not in template:
         raise DataError(f"caption template {template!r} has no '{{}}' for the directory name")
     return template.replace("{}", humanize(label))
+
+
+def poor_caption_folders(pairs: Sequence[CaptionPair]) -> dict[str, int]:
+    """{folder name: images captioned from it} for template captions whose folder name says little about
+    an image: digits (a year, a date, a camera's counter) or a name for where files are kept."""
+    poor: dict[str, int] = defaultdict(int)
+    seen: set[str] = set()
+    for pair in pairs:
+        label = pair.label or ""
+        if (pair.metadata or {}).get("caption_source") != "template" or pair.source in seen:
+            continue
+        seen.add(pair.source)
+        words = humanize(label).lower()
+        if any(c.isdigit() for c in words) or words in STORAGE_FOLDER_NAMES:
+            poor[label] += 1
+    return dict(poor)
 
 
 def read_captions_csv(path: str | Path, problems: Optional[list[DataProblem]] = None) -> dict[str, list[str]]:
