@@ -6,11 +6,13 @@ them), `embed` (from `embed_items`/`embed_dataset`, which `model.embed(...)` end
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -65,6 +67,7 @@ from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, de
                                  downloaded_bytes, item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
 from adapters.clip.onnx_export import attach_engine  # noqa: E402
+from adapters.clip.prefetch import Prefetcher  # noqa: E402
 from adapters.clip.runs import adopt_run, is_marked_resumable, mark_resumable, read_saved_run  # noqa: E402
 
 # Keys dtlpy itself keeps in a model's configuration; ours are validated by ClipConfig.
@@ -117,6 +120,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._warned_no_labels = False
         self._artifacts_dir: Optional[Path] = None  # where load_from_model put the model's artifacts
         self._interrupted = False  # the last train() failed: `save` keeps the starting weights
+        self._prefetchers: list[Prefetcher] = []  # one per embed_items/predict_items call in progress
+        self._prefetch_lock = threading.Lock()
         super().__init__(model_entity=model_entity)
 
     # ---- configuration -------------------------------------------------------------------
@@ -184,8 +189,64 @@ class ClipAdapter(dl.BaseModelAdapter):
             + ("train it again to continue from the last finished epoch" if resumable
                else "no epoch had finished, so the next training starts over"))
 
+    # ---- dtlpy's batch loops, with the next batch downloading while one computes -------------
+    DOWNLOAD_THREADS = 16  # as many as dtlpy's own pool: downloads wait on the network, not the CPU
+
+    def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
+        """dtlpy's own `embed_items`, unchanged, with downloads overlapped with compute.
+
+        dtlpy downloads a batch (`prepare_item_func` in 16 threads) and then embeds it, so within
+        one execution the network and the CPU take turns. While this call runs, a prefetcher over
+        `items` fetches the next batch as soon as dtlpy asks for the current one, and
+        `prepare_item_func` hands dtlpy what it fetched (docs/platform.md has the measurements).
+        """
+        with self._overlapped_downloads(items, batch_size):
+            return super().embed_items(items, upload_features=upload_features, batch_size=batch_size,
+                                       progress=progress, **kwargs)
+
+    def predict_items(self, items: list, batch_size=None, **kwargs):
+        """dtlpy's own `predict_items`, with downloads overlapped with compute (see `embed_items`)."""
+        with self._overlapped_downloads(items, batch_size):
+            return super().predict_items(items, batch_size=batch_size, **kwargs)
+
+    # the platform's function specs (display name, inputs, outputs) stay dtlpy's
+    embed_items.__dtlpy__ = getattr(dl.BaseModelAdapter.embed_items, "__dtlpy__", None)
+    predict_items.__dtlpy__ = getattr(dl.BaseModelAdapter.predict_items, "__dtlpy__", None)
+
+    @contextlib.contextmanager
+    def _overlapped_downloads(self, items: Any, batch_size: Optional[int]):
+        """While dtlpy walks `items` batch by batch: taking element i starts downloading every element
+        up to i + one batch (the batch size dtlpy itself uses). At most two batches are in memory."""
+        if not isinstance(items, (list, tuple)) or len(items) == 0:
+            yield
+            return
+        size = batch_size if batch_size is not None else self.configuration.get("batch_size", 4)
+        prefetcher = Prefetcher(items, self._prepare_item, key=id, ahead=int(size), workers=self.DOWNLOAD_THREADS)
+        with self._prefetch_lock:
+            self._prefetchers.append(prefetcher)
+        try:
+            yield
+        finally:
+            with self._prefetch_lock:
+                self._prefetchers.remove(prefetcher)
+            prefetcher.close()
+
     def prepare_item_func(self, item: dl.Item) -> ItemInput:
         """Download one item (dtlpy calls this in 16 threads); never raises, so no item is lost.
+
+        Inside `embed_items`/`predict_items` the item was (or is being) downloaded ahead by their
+        prefetcher; otherwise it is downloaded here.
+        """
+        with self._prefetch_lock:
+            active = list(self._prefetchers)
+        for prefetcher in active:
+            prepared = prefetcher.take(id(item))
+            if prepared is not None:
+                return prepared
+        return self._prepare_item(item)
+
+    def _prepare_item(self, item: dl.Item) -> ItemInput:
+        """One item's input: its bytes downloaded and read by kind (never raises).
 
         The base class would turn prompt items into None for an 'image' model; CLIP embeds
         their text, or the image their prompt points to when they have no text (what

@@ -16,8 +16,10 @@ import json
 import logging
 import re
 import threading
+import time
 import traceback
 import zipfile
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -518,8 +520,21 @@ class FakeGate:
             return Reply(copy.deepcopy(dql.run(self.state.executions.values(), query)))
 
 
+@dataclass
+class Network:
+    """A network between dtlpy and the fake (benchmarks; none in tests): each request waits
+    `latency_s`, plus its request and reply bodies at `bytes_per_s` (per request, like one stream)."""
+
+    latency_s: float = 0.0
+    bytes_per_s: Optional[float] = None
+
+    def delay(self, nbytes: int) -> float:
+        return self.latency_s + (nbytes / self.bytes_per_s if self.bytes_per_s else 0.0)
+
+
 class _Handler(BaseHTTPRequestHandler):
     gate: FakeGate  # set on the subclass made per server
+    network: Network  # likewise
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
@@ -540,11 +555,15 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _serve(self) -> None:
+        body = self._body()
         try:
-            reply = self.gate.handle(self.command, self.path, self.headers, self._body())
+            reply = self.gate.handle(self.command, self.path, self.headers, body)
         except Exception:  # noqa: BLE001 - a bug in the fake: answer 500 with the traceback
             log.exception("fake Dataloop: error in %s %s", self.command, self.path)
             reply = error(500, "fake platform error:\n" + traceback.format_exc())
+        wait = self.network.delay(len(body) + len(reply.data))
+        if wait > 0:
+            time.sleep(wait)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.data)))
@@ -558,9 +577,10 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeDataloopServer:
     """The HTTP server in a daemon thread. `url` is dtlpy's environment (`http://127.0.0.1:<port>/api/v1`)."""
 
-    def __init__(self):
+    def __init__(self, latency_s: float = 0.0, bytes_per_s: Optional[float] = None):
         self.state = PlatformState()
-        handler = type("Handler", (_Handler,), {"gate": FakeGate(self.state)})
+        self.network = Network(latency_s, bytes_per_s)  # change its fields to change the network live
+        handler = type("Handler", (_Handler,), {"gate": FakeGate(self.state), "network": self.network})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{API_PREFIX}"
