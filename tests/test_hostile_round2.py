@@ -298,3 +298,32 @@ def test_a_malformed_vector_lost_from_the_matrix_too_is_embedded_again_by_index(
     np.testing.assert_allclose(stored_vector(root, paths[2]), original, atol=1e-6)
     with Store.open(root, readonly=True) as store:
         assert store.item_by_path(paths[2]).subset == "train"  # its attributes kept
+
+
+# ---- 13. the write-ahead log deleted under a running writer -----------------------------------------
+def test_a_search_while_the_wal_is_missing_mid_write_does_not_call_the_store_damaged(tmp_path, tiny, capsys):
+    import os
+
+    from adapters.clip.store import CURRENT, DB_FILE, ModelBinding, Store, writer_lock
+
+    rng = np.random.default_rng(0)
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.normal(size=(n, 64)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    root = tmp_path / "store"
+    with Store.open(root, create=ModelBinding.of(tiny)) as store:
+        store.add_vectors([f"/x/{i}.png" for i in range(10)], unit(10))
+    with writer_lock(root), Store.open(root) as writer:  # an index run: the lock held throughout
+        writer.add_vectors([f"/y/{i}.png" for i in range(10)], unit(10))
+        data = root / (root / CURRENT).read_text().strip()
+        os.unlink(data / f"{DB_FILE}-wal")  # deleted by something else while the writer has it open
+        assert main(["search", "a dog", "--store", str(root), "--model", "tiny", "--engine", "torch"]) == 1
+        err = capsys.readouterr().err
+        assert "is being written (pid" in err and "search again" in err
+        assert "damaged" not in err and "--repair" not in err
+        writer.add_vectors([f"/z/{i}.png" for i in range(10)], unit(10))
+    assert main(["check", "--store", str(root)]) == 0  # the writer finished: nothing was lost
+    with Store.open(root, readonly=True) as store:
+        assert store.count() == 30

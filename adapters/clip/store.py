@@ -206,6 +206,48 @@ def sqlite_errors(root: Path) -> Iterator[None]:
         raise StoreError(f"store {root}: database error ({text}); {repair_hint(root)}") from None
 
 
+def unreadable_database(root: Path, data_dir: Path, exc: Exception) -> StoreError:
+    """Why a database could not be read, for people: damaged, unless a writer is running and only its
+    write-ahead log is missing (deleted under it). SQLite then refuses readers (disk I/O error) until
+    the writer ends; the writer, holding the log open, finishes with nothing lost."""
+    wal = data_dir / f"{DB_FILE}-wal"
+    writer = running_writer(root)
+    # (the failed reader itself may have left an empty log file where the deleted one was)
+    if writer is not None and (not wal.exists() or wal.stat().st_size == 0) and (data_dir / f"{DB_FILE}-shm").exists():
+        return StoreError(f"store {root} is being written (pid {writer}) and its write-ahead log {wal.name} is "
+                          f"missing (deleted while in use?): the database cannot be read until that writer "
+                          f"finishes; search again then (nothing is lost: the writer holds the log open)")
+    return StoreError(f"store {root} is damaged: {data_dir / DB_FILE} cannot be read ({exc}); {repair_hint(root)}")
+
+
+def running_writer(root: Path) -> Optional[int]:
+    """The pid of the process holding a store's writer lock, if one does. Asked of the kernel's lock
+    table (/proc/locks), never by trying the lock: even a moment's shared lock taken by a reader could
+    make a starting writer fail. Elsewhere: the pid the lock file names, if that process is alive."""
+    lock = Path(root) / WRITER_LOCK
+    try:
+        inode = lock.stat().st_ino
+        named = int(lock.read_text(encoding="ascii").strip() or 0)
+    except (OSError, ValueError):
+        return None
+    try:
+        with open("/proc/locks", encoding="ascii") as fh:
+            table = fh.read().splitlines()
+    except OSError:
+        table = None
+    if table is not None:
+        for line in table:  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            fields = line.split()
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return int(fields[4])
+        return None
+    try:
+        os.kill(named, 0)
+    except (OSError, ValueError):
+        return None
+    return named or None
+
+
 def repair_hint(root: Path) -> str:
     """The command that works on a damaged store (every damaged-store message ends with it)."""
     return f"run `python -m adapters.clip check --store {root} --repair`"
@@ -372,8 +414,7 @@ class Store:
         try:
             meta = self._meta()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"store {root} is damaged: {data_dir / DB_FILE} cannot be read ({exc}); "
-                             f"{repair_hint(root)}") from None
+            raise unreadable_database(root, data_dir, exc) from None
         if meta.get("format") != STORE_FORMAT or not {"model_name", "model_fingerprint", "dim"} <= set(meta):
             raise StoreError(f"{data_dir / DB_FILE}: not a {STORE_FORMAT} database; {repair_hint(root)}")
         self.binding = ModelBinding(meta["model_name"], meta["model_fingerprint"], int(meta["dim"]))
@@ -445,8 +486,7 @@ class Store:
                 else:
                     _migrate(conn, data_dir)
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"store {root} is damaged: {data_dir / DB_FILE} cannot be read ({exc}); "
-                                 f"{repair_hint(root)}") from None
+                raise unreadable_database(root, data_dir, exc) from None
             return cls(root, data_dir, conn, readonly=readonly)
         except BaseException:
             conn.close()
