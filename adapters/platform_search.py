@@ -44,9 +44,9 @@ def search_dataset(model: dl.Model, embedder: Embedder, dataset: dl.Dataset, tex
     items_filter(filters)  # a bad filter fails before anything is embedded or asked
     feature_set = model_feature_set(model, embedder.dim, dataset)
     query = embed_text_query(text, embedder)
-    if query.fills_context:
-        log.warning(f"the query fills the model's {context_length(embedder)}-token context: "
-                    "the words after that are ignored")
+    if query.exceeds_context:
+        log.warning(f"the query is longer than the model's {context_length(embedder)}-token context: "
+                    "it reads the first tokens and ignores the rest")
     dql = vector_search_query(query.vector, feature_set.id, k, filters)
     found = dataset.items.list(filters=dl.Filters(custom_filter=copy.deepcopy(dql), resource=dl.FiltersResource.ITEM))
     items = list(found.items)[:k]

@@ -180,7 +180,7 @@ def test_a_text_longer_than_the_context_is_truncated_and_the_log_says_so(searche
     long_text = " ".join(["red"] * 200)
     with caplog.at_level(logging.WARNING):
         _, output = adapter.search_dataset(dataset, long_text, k=2)
-    assert f"fills the model's {adapter.clip.context_length}-token context" in caplog.text
+    assert f"is longer than the model's {adapter.clip.context_length}-token context" in caplog.text
     assert_same_ranking(results(output), numpy_ranking(platform, adapter, long_text)[:2])
     caplog.clear()
     with caplog.at_level(logging.WARNING):

@@ -15,7 +15,7 @@ def test_the_query_vector_is_the_local_searchs(embedder):
         query = embed_text_query(text, embedder)  # every term text, as `search --text` reads it
         np.testing.assert_array_equal(query.vector, query_vector(parse_query(text, images=False), embedder))
         assert query.vector.dtype == np.float32 and abs(np.linalg.norm(query.vector) - 1) < 1e-5
-        assert not query.fills_context
+        assert not query.exceeds_context
 
 
 @pytest.mark.parametrize("text, message", [("", "empty"), ("  \t", "empty"), (None, "must be a string"),
@@ -28,10 +28,10 @@ def test_bad_query_texts(embedder, text, message):
 
 def test_a_text_as_long_as_the_context_is_flagged(embedder):
     context = embedder.clip.context_length
-    assert embed_text_query(" ".join(["red"] * (context + 10)), embedder).fills_context
-    assert embed_text_query("red " * 3 + "+ " + "blue " * (context + 10), embedder).fills_context
-    assert not embed_text_query("red " * (context // 4), embedder).fills_context
-    assert not embed_text_query(" ".join(["red"] * (context - 2)), embedder).fills_context  # exactly full
+    assert embed_text_query(" ".join(["red"] * (context + 10)), embedder).exceeds_context
+    assert embed_text_query("red " * 3 + "+ " + "blue " * (context + 10), embedder).exceeds_context
+    assert not embed_text_query("red " * (context // 4), embedder).exceeds_context
+    assert not embed_text_query(" ".join(["red"] * (context - 2)), embedder).exceeds_context  # exactly full
 
 
 @pytest.mark.parametrize("k, ok", [(1, True), (MAX_K, True), (50.0, True), (0, False), (MAX_K + 1, False),

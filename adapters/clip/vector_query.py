@@ -35,7 +35,7 @@ UNIT_TOLERANCE = 1e-3   # a stored vector whose norm is further from 1 was not m
 class TextQuery:
     text: str
     vector: np.ndarray          # (D,) float32, unit length
-    fills_context: bool         # a term reached the model's token context: words beyond it were ignored
+    exceeds_context: bool        # a term is longer than the model's token context: its end is ignored
 
 
 def embed_text_query(text: object, embedder: "Embedder") -> TextQuery:
@@ -49,10 +49,10 @@ def embed_text_query(text: object, embedder: "Embedder") -> TextQuery:
     if not text.strip():
         raise InputError("the query text is empty: give the words to search for")
     terms = parse_query(text, images=False)
-    return TextQuery(text, query_vector(terms, embedder), any(fills_context(t.value, embedder) for t in terms))
+    return TextQuery(text, query_vector(terms, embedder), any(exceeds_context(t.value, embedder) for t in terms))
 
 
-def fills_context(text: str, embedder: "Embedder") -> bool:
+def exceeds_context(text: str, embedder: "Embedder") -> bool:
     """True when the model reads only the start of `text`: its tokens (with the start and end ones)
     exceed the context (77 for OpenAI's CLIP), the rule the command line warns by. A tokenizer without
     `encode` is asked for the tokens: CLIP's pad with 0, so a filled last position tells."""
