@@ -327,3 +327,30 @@ def test_a_search_while_the_wal_is_missing_mid_write_does_not_call_the_store_dam
     assert main(["check", "--store", str(root)]) == 0  # the writer finished: nothing was lost
     with Store.open(root, readonly=True) as store:
         assert store.count() == 30
+
+
+# ---- 10. the resume fingerprint covers the images' content ---------------------------------------
+def test_resume_refuses_images_whose_pixels_changed_since_the_run_started(tmp_path, capsys):
+    from adapters.clip.errors import DataError
+    from adapters.clip.pairs import CaptionPair
+    from adapters.clip.train import fit, resume_problem
+    from test_train import config
+
+    pairs = []
+    for i in range(6):
+        pattern_image(80 + i).save(tmp_path / f"t{i}.png")
+        pairs.append(CaptionPair(image=tmp_path / f"t{i}.png", caption=f"thing {i}",
+                                 subset="train" if i < 4 else "validation"))
+    settings = config(batch_size=4, num_workers=0)
+    run_dir = tmp_path / "run"
+    fit(settings, pairs, run_dir, show_progress=False)
+    clip = load_model("tiny", device="cpu")
+    assert resume_problem(run_dir, settings, pairs, clip) is None
+
+    size = (tmp_path / "t1.png").stat().st_size
+    pattern_image(99).save(tmp_path / "t1.png")  # other pixels, same name and caption (and here same size)
+    assert (tmp_path / "t1.png").stat().st_size == size
+    problem = resume_problem(run_dir, settings, pairs, clip)  # what the adapter asks before continuing
+    assert problem is not None and "content of its training/validation images changed" in problem
+    with pytest.raises(DataError, match="images changed"):
+        fit(settings, pairs, run_dir, resume=True, show_progress=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class RunState:
     stopped_early: bool = False
     history: list[EpochRecord] = field(default_factory=list)
     data: Optional[str] = None   # where the pairs came from: `train --resume` reuses it
+    images_fingerprint: Optional[str] = None  # the images' content (`images_fingerprint`); None: an older run
 
 
 @dataclass
@@ -178,6 +180,9 @@ def check_resumable(saved: dict[str, Any], fresh: RunState, directory: Path) -> 
     if saved["data_fingerprint"] != fresh.data_fingerprint:
         raise DataError(f"cannot resume {directory.parent}: the training/validation pairs are not the ones "
                         f"this run started with; train into a new run directory")
+    if saved.get("images_fingerprint") and saved["images_fingerprint"] != fresh.images_fingerprint:
+        raise DataError(f"cannot resume {directory.parent}: the content of its training/validation images changed "
+                        f"since it started (same names and captions, other bytes); train into a new run directory")
     if saved["start_fingerprint"] != fresh.start_fingerprint:
         raise CheckpointError(f"cannot resume {directory.parent}: the starting model's weights differ from the "
                               f"ones this run started from")
@@ -188,6 +193,30 @@ def pairs_fingerprint(train: Sequence["CaptionPair"], val: Sequence["CaptionPair
     digest = hashlib.blake2b(digest_size=16)
     for pair in (*train, *val):
         digest.update(f"{pair.subset}\t{Path(pair.image).name}\t{pair.caption}\n".encode())
+    return digest.hexdigest()
+
+
+IMAGE_END_BYTES = 64 * 1024  # read from each end of an image file for `images_fingerprint`
+
+
+def images_fingerprint(train: Sequence["CaptionPair"], val: Sequence["CaptionPair"]) -> str:
+    """Identifies the images' content cheaply: per image its size and its first and last 64 KiB (the
+    whole file up to 128 KiB). An edit changes the end of a compressed image's data, so this sees
+    changed pixels without reading every byte; it leaves out mtimes and paths, which a copy or a
+    fresh download (a resumed training on the platform) changes while the content stays."""
+    digest = hashlib.blake2b(digest_size=16)
+    for image in sorted({str(pair.image) for pair in (*train, *val)}):
+        digest.update(f"{Path(image).name}\n".encode())
+        try:
+            with open(image, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                digest.update(f"{size}\n".encode())
+                digest.update(fh.read(IMAGE_END_BYTES))
+                if size > IMAGE_END_BYTES:
+                    fh.seek(max(IMAGE_END_BYTES, size - IMAGE_END_BYTES))
+                    digest.update(fh.read(IMAGE_END_BYTES))
+        except OSError as exc:  # a missing image is part of what the data is
+            digest.update(f"unreadable: {exc.strerror}\n".encode())
     return digest.hexdigest()
 
 

@@ -45,7 +45,8 @@ from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict,
                      write_checkpoint_files)
 from .reports import CURVES_PNG, plot_curves, write_report
 from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, RUN_STATE_KEYS, TRAINER_KEYS, TRAINER_STATE, WISE_FT,
-                   EpochRecord, FitResult, RunState, append_metrics, check_resumable, numpy_rng_state, pairs_fingerprint, python_rng_state,
+                   EpochRecord, FitResult, RunState, append_metrics, check_resumable, images_fingerprint, numpy_rng_state,
+                   pairs_fingerprint, python_rng_state,
                    rewrite_metrics_log, set_numpy_rng_state, set_python_rng_state)
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     start_weights = cpu_state(clip) if config.wise_ft_alpha is not None else None
     stopper = EarlyStopping(config.monitor, patience=config.early_stopping_epochs, min_delta=config.min_delta)
     state = RunState(config=config.to_dict(), data_fingerprint=pairs_fingerprint(train_pairs, val_pairs),
-                     start_fingerprint=clip.fingerprint, data=data_source)
+                     start_fingerprint=clip.fingerprint, data=data_source,
+                     images_fingerprint=images_fingerprint(train_pairs, val_pairs))
     metrics_log = run_dir / METRICS_LOG
 
     last = run_dir / LAST
@@ -764,7 +766,8 @@ def resume_problem(run_dir: Union[str, Path], config: ClipConfig, data: Union[Pa
         saved = json.loads((Path(run_dir) / LAST / RUN_STATE).read_text(encoding="utf-8"))
         train_pairs, val_pairs, _ = split_pairs(data)
         fresh = RunState(config=config.to_dict(), data_fingerprint=pairs_fingerprint(train_pairs, val_pairs),
-                         start_fingerprint=clip.fingerprint)
+                         start_fingerprint=clip.fingerprint,
+                         images_fingerprint=images_fingerprint(train_pairs, val_pairs))
         check_resumable(saved, fresh, Path(run_dir) / LAST)
     except (ConfigError, DataError, CheckpointError) as exc:  # before ValueError: ConfigError is one
         return str(exc)
