@@ -888,8 +888,13 @@ REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TR
 
 
 # ---- entry point -------------------------------------------------------------------------
+def _program_name() -> str:
+    """'clip-adapter' when run as the installed command, else 'python -m adapters.clip'."""
+    return "clip-adapter" if os.path.basename(sys.argv[0] or "") == "clip-adapter" else "python -m adapters.clip"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adapters.clip",
+    parser = argparse.ArgumentParser(prog=_program_name(),
                                      description="CLIP embeddings, search and fine-tuning, locally.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
