@@ -164,3 +164,15 @@ def test_an_index_from_before_checksums_is_used_rescored_and_replaced_by_the_nex
     with Store.open(root) as store:
         assert "built" in refresh_ann(store)
     assert ann_state(data_dir)["kind"] == "ivf-sq8" and ann_state(data_dir)["checksum"]
+
+
+def test_repair_of_a_damaged_index_on_a_store_emptied_since_removes_it(ann_store):
+    root, data_dir, _ = ann_store
+    with Store.open(root) as store:
+        with store.transaction() as txn:
+            for record in store.iter_items():
+                txn.delete(record.id)
+    ann_file(data_dir).unlink()
+    report = check_store(root, repair=True)
+    assert report.problems and not report.unrepaired and ann_state(data_dir) == {}
+    assert check_store(root).problems == []

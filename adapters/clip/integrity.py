@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import StoreError
 from .files import write_text_atomic
-from .ann import ann_problem, ann_state, rebuild_ann
+from .ann import ANN_STATE, ann_problem, ann_state, rebuild_ann
 from .store import (CURRENT, DB_FILE, Store, _data_dirs, _is_store_db, _read_current,
                     settle_layout, sqlite_errors, writer_lock)
 
@@ -185,10 +185,15 @@ def _check_ann(store: Store, report: CheckReport, *, repair: bool, matrix_rebuil
     if state.get("checksum") is None:
         report.notes.append("the ANN index was written without a checksum (an older version); "
                             + ("rebuilt it" if repair else "`check --repair` or the next `index` rebuilds it"))
-    if repair and (problem is not None or matrix_rebuilt or state.get("checksum") is None):
-        ann = rebuild_ann(store)
-        if problem is not None:
-            report.repaired.append(f"rebuilt the ANN index from the matrix ({ann.describe()}): it {problem}")
+    if not repair or (problem is None and not matrix_rebuilt and state.get("checksum") is not None):
+        return
+    if store.snapshot().n_live == 0:  # nothing to index: the next index run builds one when it is needed
+        (store.data_dir / ANN_STATE).unlink()
+        what = "removed the ANN index of the empty store"
+    else:
+        what = f"rebuilt the ANN index from the matrix ({rebuild_ann(store).describe()})"
+    if problem is not None:
+        report.repaired.append(f"{what}: it {problem}")
 
 
 def matrix_problems(store: Store) -> list[str]:
