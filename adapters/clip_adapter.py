@@ -565,6 +565,26 @@ class ClipAdapter(dl.BaseModelAdapter):
         return headline(report) if report else "no report"
 
 
+    # ---- curation (near-duplicates, diverse samples) ---------------------------------------
+    @user_errors
+    def find_duplicates(self, dataset: dl.Dataset, filters: Optional[dict] = None,
+                        threshold: Optional[float] = None) -> dict:
+        """Near-duplicate groups of the selected items, from the vectors in the model's feature set
+        (never re-embedded): {"groups": [[kept id, ...], ...], "missing": [...], "threshold": t}. Every
+        member gets metadata.user.clip.duplicate_group = its kept id; selected items no longer in a
+        group lose it. docs/curation.md."""
+        from adapters.platform_curation import find_duplicates
+        return find_duplicates(self.model_entity, dataset, filters, threshold, logger=self.logger)
+
+    @user_errors
+    def sample_diverse(self, dataset: dl.Dataset, n: int, filters: Optional[dict] = None,
+                       exclude: Optional[dict] = None) -> tuple[list, dict]:
+        """n selected items by greedy k-center (farthest first), far from the `exclude` query's items:
+        (the items in pick order, {"items": [ids], "radius": r}). docs/curation.md."""
+        from adapters.platform_curation import sample_diverse
+        outcome = sample_diverse(self.model_entity, dataset, n, filters, exclude, logger=self.logger)
+        return outcome.items, outcome.json
+
     # ---- helpers -------------------------------------------------------------------------
     def entity_or_none(self) -> Optional[dl.Model]:
         """The model entity, or None when the adapter runs without one (dtlpy's public property raises)."""

@@ -204,8 +204,9 @@ def report(results: list[dict], command: str, machine: str) -> str:
                  f"({vs['rows_grouped_both']:,} of {vs['rows_grouped_truth']:,} grouped rows in both)" if vs else
                  f"vs planted: {r['vs_planted']['rows_grouped_both']:,} of {r['vs_planted']['rows_grouped_truth']:,} "
                  "planted rows grouped")
-        lines.append(f"| `find_duplicate_groups` ({d['method']}, nlist {d.get('nlist', '-')}, nprobe "
-                     f"{d.get('nprobe', '-')}) | **{d['seconds']:.0f} s** | **{d['peak_rss_gib']:.2f} GiB** | "
+        lines.append(f"| `find_duplicate_groups` ({d['method']}: {d.get('cells', '-')} cells, nprobe "
+                     f"{d.get('nprobe', '-')}, {100 * d.get('compared_share', 1):.2f}% of all pairs scored) | "
+                     f"**{d['seconds']:.0f} s** | **{d['peak_rss_gib']:.2f} GiB** | "
                      f"{d['groups']:,} groups, {d['members']:,} items; {truth}; planted: {r['planted_groups']:,} "
                      f"groups, {r['planted_rows']:,} items |")
         how = ("whole" if b["blocks_run"] == b["blocks_total"] else

@@ -43,7 +43,7 @@ def as_sets(groups) -> set[frozenset]:
     return {frozenset(int(i) for i in g) for g in groups}
 
 
-@pytest.mark.parametrize("method", ["exact", "ivf"])
+@pytest.mark.parametrize("method", ["exact", "cells"])
 def test_groups_are_the_pairs_at_or_above_the_threshold(method):
     x, expected = planted(1200, [[0.99], [0.97, 0.96], [0.951], [0.9], [0.94, 0.999]])
     found = find_duplicate_groups(x, 0.95, method=method)

@@ -62,7 +62,7 @@ FUNCTIONS = {f["name"]: f for f in MODULE["functions"]}
 CONFIGS = {c["name"]: c for c in MANIFEST["components"]["computeConfigs"]}
 # Every flow dtlpy's BaseModelAdapter offers a model service (each carries dtlpy's own declaration).
 MODEL_FLOWS = ["embed_items", "embed_dataset", "predict_items", "predict_dataset", "train_model", "evaluate_model"]
-OWN_FUNCTIONS = ["search_dataset"]  # this app's, beyond dtlpy's model flows
+OWN_FUNCTIONS = ["search_dataset", "find_duplicates", "sample_diverse"]  # this app's, beyond dtlpy's model flows
 
 
 def config_of(function: str) -> dict:
@@ -74,6 +74,26 @@ def test_module_points_at_the_adapter_with_model_entity_init_input():
     assert MODULE["className"] == "ClipAdapter"
     assert MODULE["initInputs"] == [{"type": "Model", "name": "model_entity"}]
     assert sorted(FUNCTIONS) == sorted(MODEL_FLOWS + OWN_FUNCTIONS)
+
+
+# The app's own functions (issue 15): name -> ([(input, type)], [(output, type)]); the platform passes
+# the inputs by name to ClipAdapter's method of the same name.
+APP_FUNCTIONS = {
+    "find_duplicates": ([("dataset", "Dataset"), ("filters", "Json"), ("threshold", "Float")], [("json", "Json")]),
+    "sample_diverse": ([("dataset", "Dataset"), ("n", "Integer"), ("filters", "Json"), ("exclude", "Json")],
+                       [("items", "Item[]"), ("json", "Json")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(APP_FUNCTIONS))
+def test_the_apps_own_functions_take_their_inputs_by_the_adapters_parameter_names(name):
+    inputs, outputs = APP_FUNCTIONS[name]
+    ours = FUNCTIONS[name]
+    assert [(i["name"], i["type"]) for i in ours["input"]] == inputs
+    assert [(o["name"], o["type"]) for o in ours["output"]] == outputs
+    parameters = inspect.signature(getattr(ClipAdapter, name)).parameters
+    assert [i for i, _ in inputs] == [p for p in parameters if p != "self"]
+    assert ours["displayName"] and ours["description"]
 
 
 @pytest.mark.parametrize("name", MODEL_FLOWS)

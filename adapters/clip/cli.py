@@ -884,7 +884,110 @@ def _resume_settings(saved, args: argparse.Namespace):
 TRAIN_COMMANDS: list[Callable] = [add_train]
 
 
-REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TRAIN_COMMANDS
+# ---- curation (duplicates, sample) ------------------------------------------------------------
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    _add_store_option(parser)
+    parser.add_argument("--subset", action="append", default=[], help="only items of this subset (repeatable)")
+    parser.add_argument("--where", action="append", default=[], metavar="COND",
+                        help="metadata condition KEY=VALUE, KEY!=V, KEY>N, KEY<=N, KEY~GLOB (repeatable, all must hold)")
+    parser.add_argument("--glob", dest="path_glob", metavar="PATTERN", help="only paths matching this glob")
+
+
+def add_duplicates(sub) -> None:
+    from .duplicates import DEFAULT_THRESHOLD
+    p = sub.add_parser("duplicates", help="groups of near-duplicate images in a store (cosine >= threshold)",
+                       description="Groups are the connected components of 'cosine >= threshold' among the stored "
+                                   "items; each group's kept item (the earliest file modification time, then the "
+                                   "smallest store id) comes first. Nothing is changed or deleted.")
+    _add_selection_options(p)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"cosine similarity in (0, 1] from which two items are near-duplicates "
+                        f"(default {DEFAULT_THRESHOLD}; docs/curation.md)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"groups": [[kept, other, ...], ...], "missing": [...], "threshold": t}')
+    p.add_argument("--sheet", metavar="OUT.png", help="also draw the groups, one row each, as a contact sheet")
+    p.set_defaults(handler=cmd_duplicates)
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from .curation import Selection, duplicates_sheet, store_duplicates
+    from .duplicates import check_threshold
+    from .store import Store, sqlite_errors
+
+    check_threshold(args.threshold)  # before the store is read: a typo fails at once
+    root = _store_root(args)
+    with sqlite_errors(root), Store.open(root, readonly=True) as store:
+        selection = Selection.of(store, args.subset, args.where, args.path_glob)
+        report = store_duplicates(store, args.threshold, selection, progress=True)
+        for warning in store.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if args.sheet and report.groups:
+        duplicates_sheet(report, args.sheet)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    elif args.sheet:
+        print(f"no near-duplicates: no contact sheet written to {args.sheet}", file=sys.stderr)
+    if args.json:
+        print_json(report.to_json())
+        return EXIT_OK
+    for number, group in enumerate(report.groups, 1):
+        print(f"group {number} ({len(group)} items)")
+        for index, member in enumerate(group):
+            label = "kept " if index == 0 else f"{member['cosine']:.3f}"
+            print(f"  {label}  {member['path']}")
+    for path in report.missing:
+        print(f"no vector: {path}", file=sys.stderr)
+    print(f"{len(report.groups)} groups, {sum(len(g) for g in report.groups)} items, among {report.items} items "
+          f"(cosine >= {report.threshold}; {report.method}, {report.seconds:.1f} s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="a diverse sample of a store's items (greedy k-center), e.g. to label first",
+                       description="Each pick is the item farthest from every earlier pick (and from --exclude-* "
+                                   "items): the sample covers the whole store, small clusters included. The same "
+                                   "store and options give the same sample.")
+    _add_selection_options(p)
+    p.add_argument("-n", type=positive_int, required=True, help="number of items to pick")
+    p.add_argument("--exclude-subset", action="append", default=[], metavar="SUBSET",
+                   help="items of this subset are already labelled or chosen: keep away from them (repeatable)")
+    p.add_argument("--exclude-where", action="append", default=[], metavar="COND",
+                   help="items matching this condition are already chosen: keep away from them (repeatable)")
+    p.add_argument("--json", action="store_true", help='print {"items": [paths in pick order], "radius": r}')
+    p.add_argument("--sheet", metavar="OUT.png", help="also draw the picks, in order, as a contact sheet")
+    p.set_defaults(handler=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .curation import Selection, sample_sheet, store_sample
+    from .store import Store, sqlite_errors
+
+    root = _store_root(args)
+    with sqlite_errors(root), Store.open(root, readonly=True) as store:
+        selection = Selection.of(store, args.subset, args.where, args.path_glob)
+        exclude = (Selection.of(store, args.exclude_subset, args.exclude_where)
+                   if args.exclude_subset or args.exclude_where else None)
+        report = store_sample(store, args.n, selection, exclude=exclude, progress=True)
+        for warning in store.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if args.sheet:
+        sample_sheet(report, args.sheet)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+    if args.json:
+        print_json(report.to_json())
+        return EXIT_OK
+    for number, pick in enumerate(report.picks, 1):
+        print(f"{number:4d}  {pick['path']}")
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{len(report.picks)} of {report.items} items; every item is within cosine distance {report.radius:.3f} "
+          f"of a pick ({report.seconds:.1f} s)", file=sys.stderr)
+    return EXIT_OK
+
+
+CURATE_COMMANDS: list[Callable] = [add_duplicates, add_sample]
+
+
+REGISTRARS: list[Callable] = CORE_COMMANDS + STORE_COMMANDS + DATA_COMMANDS + TRAIN_COMMANDS + CURATE_COMMANDS
 
 
 # ---- entry point -------------------------------------------------------------------------

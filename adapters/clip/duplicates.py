@@ -11,13 +11,12 @@ Memory is bounded at any size:
   list of all pairs is ever held.
 - Up to `EXACT_LIMIT` vectors every pair is scored, exactly, one block of rows against the rest
   (`exact_pairs`, the block sized to `BLOCK_BYTES` of scores).
-- Above it, a FAISS IVF-Flat index over the vectors finds each vector's `NEIGHBOURS` nearest
-  (`ivf_pairs`): one more copy of the matrix, plus one block of queries' results. Its `nprobe` is
-  the smallest that finds, on a sample of the vectors, `IVF_TARGET_RECALL` of their exact
-  neighbours at or above the threshold. The scores it returns are exact inner products.
-  A vector with more than NEIGHBOURS near-duplicates is linked to its NEIGHBOURS nearest, which
-  already puts them in one group; a pair can only be missed if each of its two ends has NEIGHBOURS
-  closer near-duplicates and no chain joins them, which the benchmark did not see happen.
+- Above it (`partition_pairs`), the vectors are split into about sqrt(N) cells (FAISS spherical
+  k-means on a sample) and each vector is compared, exactly, with the vectors whose home cell is
+  among its `nprobe` nearest cells: a cell at a time, as matrix products, so the work runs at BLAS
+  speed (FAISS's IVF search scans one query at a time: ~10x slower per comparison on this CPU).
+  `nprobe` is the smallest that finds `TARGET_RECALL` of a sample's exact pairs. Beyond the
+  matrix itself it holds the cell lists (a few int32 per vector) and one block of scores.
 """
 from __future__ import annotations
 
@@ -38,10 +37,9 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.95
 EXACT_LIMIT = 20_000             # vectors up to which every pair is scored (2e11 multiply-adds: seconds)
 BLOCK_BYTES = 256 * 2**20        # scores held per block of the exact pass
-NEIGHBOURS = 32                  # nearest neighbours looked at per vector by the IVF pass
-QUERY_BLOCK = 16_384             # queries per FAISS search call (results: QUERY_BLOCK x NEIGHBOURS)
-IVF_TARGET_RECALL = 0.99         # share of exact near-duplicate pairs the calibrated nprobe must find
-CALIBRATION_QUERIES = 1000
+NEIGHBOURS = 32                  # exact neighbours per sampled vector in the nprobe calibration
+TARGET_RECALL = 0.99         # share of exact near-duplicate pairs the calibrated nprobe must find
+CALIBRATION_QUERIES = 400
 CALIBRATION_PAIRS = 200         # exact pairs the nprobe calibration wants to measure recall on
 PENDING_PAIRS = 4_000_000        # pairs held before they are folded into the components
 
@@ -153,38 +151,49 @@ def exact_pairs(x: np.ndarray, threshold: float, components: Components, *, prog
             bar.update(stop - start)
 
 
-def _nprobe_choices(nlist: int) -> list[int]:
-    return [p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256) if p < nlist] + [nlist]
+NPROBE_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
+QUERY_ROWS = 2048                # query rows per product in the partition join
 
 
-def build_ivf(x: np.ndarray, *, seed: int = 0):
-    """An IVF-Flat inner-product index over the rows of x (ids = row numbers)."""
+def partition(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """About sqrt(N) centroids of the rows (FAISS spherical k-means on a sample): the cells."""
     import faiss
 
     from .ann import TRAIN_POINTS_PER_LIST, choose_nlist
 
     nlist = choose_nlist(len(x))
-    index = faiss.index_factory(x.shape[1], f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(x), size=min(len(x), TRAIN_POINTS_PER_LIST * nlist), replace=False))
-    index.train(np.ascontiguousarray(x[sample]))
-    for start in range(0, len(x), 65536):
-        index.add(np.ascontiguousarray(x[start:start + 65536]))
-    return index
+    kmeans = faiss.Kmeans(x.shape[1], nlist, niter=20, seed=seed, spherical=True, verbose=False)
+    kmeans.train(np.ascontiguousarray(x[sample]))
+    return kmeans.centroids
 
 
-def calibrate_nprobe(index, x: np.ndarray, threshold: float, *, k: int = NEIGHBOURS,
-                     target: float = IVF_TARGET_RECALL, queries: int = CALIBRATION_QUERIES,
+def nearest_cells(x: np.ndarray, centroids: np.ndarray, count: int, block: int = 32768) -> np.ndarray:
+    """(N, count) int32: each row's `count` nearest cells, nearest first (column 0: its home cell)."""
+    count = min(count, len(centroids))
+    out = np.empty((len(x), count), dtype=np.int32)
+    for start in range(0, len(x), block):
+        scores = x[start:start + block] @ centroids.T
+        top = np.argpartition(-scores, count - 1, axis=1)[:, :count] if count < len(centroids) else \
+            np.tile(np.arange(len(centroids)), (len(scores), 1))
+        ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"),
+                                    axis=1)
+        out[start:start + block] = ranked
+    return out
+
+
+def calibrate_nprobe(x: np.ndarray, cells: np.ndarray, threshold: float, *, k: int = NEIGHBOURS,
+                     target: float = TARGET_RECALL, queries: int = CALIBRATION_QUERIES,
                      seed: int = 0) -> tuple[int, float, int]:
-    """(nprobe, recall, pairs) on a sample of the rows: the smallest nprobe whose search finds
-    `target` of the sample's exact neighbours at or above `threshold` (among its k nearest).
+    """(nprobe, recall, pairs): the smallest number of cells each row is compared in that finds
+    `target` of a sample's exact pairs at or above `threshold`. A pair (i, j) is found when j's home
+    cell is among i's nprobe nearest cells, or i's among j's.
 
-    When the sample has fewer than CALIBRATION_PAIRS such pairs (near-duplicates are rare), the
-    neighbours at or above a lower bar count too: they are further apart, so harder for IVF to find
-    than the threshold's pairs, and an nprobe that finds them finds those.
+    When the sample has fewer than CALIBRATION_PAIRS such pairs (near-duplicates are rare), its
+    nearest neighbours at or above a lower bar count too: they are further apart, so more often in
+    different cells than the threshold's pairs, and an nprobe that finds them finds those.
     """
-    import faiss
-
     from .exact import exact_search_batch
 
     rng = np.random.default_rng(seed + 1)
@@ -199,48 +208,60 @@ def calibrate_nprobe(index, x: np.ndarray, threshold: float, *, k: int = NEIGHBO
         if wanted.sum() >= CALIBRATION_PAIRS or bar <= 0.5:
             break
         bar -= 0.02
-    truth = [set(r[w].tolist()) for r, w in zip(truth_rows, wanted)]
-    total = sum(len(t) for t in truth)
-    if total == 0:
+    i = np.repeat(sample, wanted.sum(axis=1))
+    j = truth_rows[wanted]
+    if len(i) == 0:
         return 1, 1.0, 0
-    nprobe, recall = index.nlist, 0.0
-    for nprobe in _nprobe_choices(index.nlist):
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        _, found = index.search(q, k, params=params)
-        recall = sum(len(t & set(f.tolist())) for t, f in zip(truth, found)) / total
+    home = cells[:, 0]
+    nprobe, recall = cells.shape[1], 0.0
+    for nprobe in [p for p in NPROBE_CHOICES if p < cells.shape[1]] + [cells.shape[1]]:
+        found = (cells[i, :nprobe] == home[j, None]).any(axis=1) | (cells[j, :nprobe] == home[i, None]).any(axis=1)
+        recall = float(found.mean())
         if recall >= target:
             break
-    return nprobe, recall, total
+    return nprobe, recall, len(i)
 
 
-def ivf_pairs(x: np.ndarray, threshold: float, components: Components, *, progress: bool = False,
-              k: int = NEIGHBOURS, nprobe: Optional[int] = None, stats: Optional[dict] = None) -> None:
-    """Pairs from each row's k nearest neighbours (FAISS IVF-Flat, calibrated nprobe) at or above threshold."""
-    import faiss
-
+def partition_pairs(x: np.ndarray, threshold: float, components: Components, *, progress: bool = False,
+                    nprobe: Optional[int] = None, stats: Optional[dict] = None) -> None:
+    """Pairs at or above the threshold among rows that share a cell: each row is compared with the
+    rows whose home cell is among its `nprobe` nearest cells, a cell at a time, as matrix products
+    (BLAS, like the exact pass, instead of one query at a time). Scores are exact."""
     started = time.perf_counter()
-    index = build_ivf(x)
-    built = time.perf_counter()
+    centroids = partition(x)
+    cells = nearest_cells(x, centroids, max(NPROBE_CHOICES))
+    partitioned = time.perf_counter()
     recall, sampled = None, None
     if nprobe is None:
-        nprobe, recall, sampled = calibrate_nprobe(index, x, threshold, k=k)
-    params = faiss.SearchParametersIVF()
-    params.nprobe = int(nprobe)
-    k = min(k, len(x))
-    with progress_bar(len(x), "finding near-duplicates", unit="vec", enabled=progress) as bar:
-        for start in range(0, len(x), QUERY_BLOCK):
-            stop = min(len(x), start + QUERY_BLOCK)
-            scores, rows = index.search(np.ascontiguousarray(x[start:stop]), k, params=params)
-            hit = (scores >= threshold) & (rows >= 0)
-            i, j = np.nonzero(hit)
-            components.add(i + start, rows[i, j])
-            bar.update(stop - start)
+        nprobe, recall, sampled = calibrate_nprobe(x, cells, threshold)
+    nprobe = min(int(nprobe), cells.shape[1])
+    calibrated = time.perf_counter()
+    home = cells[:, 0]
+    members = np.argsort(home, kind="stable")                  # rows by home cell
+    member_bounds = np.searchsorted(home[members], np.arange(len(centroids) + 1))
+    probing = cells[:, :nprobe].ravel()
+    probers = np.argsort(probing, kind="stable")                # (row, probe) entries by cell
+    prober_bounds = np.searchsorted(probing[probers], np.arange(len(centroids) + 1))
+    probers //= nprobe                                          # entry -> row
+    del probing
+    compared = 0
+    with progress_bar(len(centroids), "finding near-duplicates", unit="cell", enabled=progress) as bar:
+        for cell in range(len(centroids)):
+            inside = members[member_bounds[cell]:member_bounds[cell + 1]]
+            queries = probers[prober_bounds[cell]:prober_bounds[cell + 1]]
+            if len(inside) and len(queries):
+                block = np.ascontiguousarray(x[inside].T)
+                for start in range(0, len(queries), QUERY_ROWS):
+                    rows = queries[start:start + QUERY_ROWS]
+                    i, j = np.nonzero(x[rows] @ block >= threshold)
+                    components.add(rows[i], inside[j])
+                compared += len(inside) * len(queries)
+            bar.update(1)
     if stats is not None:
-        stats.update({"nlist": int(index.nlist), "nprobe": int(nprobe), "calibrated_recall": recall,
-                      "calibration_pairs": sampled, "build_s": built - started,
-                      "search_s": time.perf_counter() - built})
-    del index
+        stats.update({"cells": int(len(centroids)), "nprobe": int(nprobe), "calibrated_recall": recall,
+                      "calibration_pairs": sampled, "compared_share": compared / max(1, len(x) ** 2),
+                      "partition_s": partitioned - started, "calibrate_s": calibrated - partitioned,
+                      "join_s": time.perf_counter() - calibrated})
 
 
 # --------------------------------------------------------------------------------------
@@ -250,8 +271,8 @@ def ivf_pairs(x: np.ndarray, threshold: float, components: Components, *, progre
 class DuplicateGroups:
     groups: list[np.ndarray]      # row indices; each group's kept row first
     threshold: float
-    method: str                   # 'exact' | 'ivf'
-    pairs: int                    # pairs at or above the threshold that were found (both directions for ivf)
+    method: str                   # 'exact' | 'cells'
+    pairs: int                    # pairs at or above the threshold found (a pair may count twice in 'cells')
     seconds: float
     stats: dict = field(default_factory=dict)
 
@@ -266,12 +287,12 @@ def find_duplicate_groups(vectors: np.ndarray, threshold: float = DEFAULT_THRESH
     """Near-duplicate groups of the rows of `vectors` (N, D): connected components of cosine >= threshold.
 
     `order` (N,) ranks the rows for keeping (lowest kept; ties: lower row), default the row order.
-    `method`: 'exact' (every pair), 'ivf' (FAISS, each row's NEIGHBOURS nearest) or 'auto' (exact up
+    `method`: 'exact' (every pair), 'cells' (pairs within nearby k-means cells) or 'auto' (exact up
     to `exact_limit` rows). Rows that are zero or not finite are in no group.
     """
     threshold = check_threshold(threshold)
-    if method not in ("auto", "exact", "ivf"):
-        raise InputError(f"method must be 'auto', 'exact' or 'ivf', got {method!r}")
+    if method not in ("auto", "exact", "cells"):
+        raise InputError(f"method must be 'auto', 'exact' or 'cells', got {method!r}")
     started = time.perf_counter()
     x, usable = unit_rows(vectors)
     n = len(x)
@@ -280,14 +301,14 @@ def find_duplicate_groups(vectors: np.ndarray, threshold: float = DEFAULT_THRESH
         raise InputError(f"order has {len(order_arr)} entries for {n} vectors")
     if not usable.all():
         log.warning("%d vectors are zero or not finite: they are in no group", int((~usable).sum()))
-    chosen = "exact" if method == "exact" or (method == "auto" and n <= exact_limit) else "ivf"
+    chosen = "exact" if method == "exact" or (method == "auto" and n <= exact_limit) else "cells"
     components = Components(n)
     stats: dict = {}
     if n >= 2:
         if chosen == "exact":
             exact_pairs(x, threshold, components, progress=progress)
         else:
-            ivf_pairs(x, threshold, components, progress=progress, stats=stats)
+            partition_pairs(x, threshold, components, progress=progress, stats=stats)
     groups = components.groups(order_arr)
     if not usable.all():
         groups = [g for g in (g[usable[g]] for g in groups) if len(g) > 1]

@@ -40,8 +40,8 @@ class DiverseSample:
         return [int(i) for i in self.picks]
 
 
-def check_sample_size(n: int, available: int) -> int:
-    """n as an int in [1, available]; an InputError saying why otherwise."""
+def check_sample_size(n: int, available: Optional[int] = None) -> int:
+    """n as an int in [1, available] (no upper bound when `available` is None); an InputError saying why otherwise."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         if isinstance(n, float) and n.is_integer():
             n = int(n)
@@ -49,7 +49,7 @@ def check_sample_size(n: int, available: int) -> int:
             raise InputError(f"n must be a whole number of items, got {n!r}")
     if n < 1:
         raise InputError(f"n must be at least 1, got {n}")
-    if n > available:
+    if available is not None and n > available:
         raise InputError(f"n={n} is larger than the {available} selected items that have a vector")
     return int(n)
 
