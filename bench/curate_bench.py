@@ -14,7 +14,7 @@ Baselines, in the same run:
 - duplicates: all pairs in numpy blocks (X[block] @ X.T, pairs >= threshold, then connected
   components). At 1M it runs `--baseline-blocks` blocks and its time is extrapolated (the whole
   run would take hours); at 100k it runs whole, and its groups are the truth ours are compared with.
-- diversity: the covering radius of uniform random samples of the same size (3 seeds).
+- diversity: the covering radius of uniform random samples of the same size (`--random-seeds`).
 """
 from __future__ import annotations
 
@@ -92,10 +92,12 @@ def job(name: str, data: Path, out: Path, args: dict) -> dict:
     elif name == "random":
         from adapters.clip.sampling import covering_radius
         radii = [covering_radius(x, np.random.default_rng(seed).choice(len(x), args["picks"], replace=False))
-                 for seed in range(3)]
+                 for seed in range(args["seeds"])]
         result = {"radii": radii}
     result["seconds"] = time.perf_counter() - loaded
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime      # the whole process, loading included
+    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
     return result
 
 
@@ -180,7 +182,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     if b["blocks_run"] == b["blocks_total"]:
         r["vs_baseline"] = same_partition(np.load(b["out"]), found)
     r["sample"] = run_job("sample", data, work, picks=args.picks)
-    r["random"] = run_job("random", data, work, picks=args.picks)
+    r["random"] = run_job("random", data, work, picks=args.picks, seeds=args.random_seeds)
     r["uptime_end"] = uptime()
     data.unlink()
     return r
@@ -190,34 +192,37 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
 def report(results: list[dict], command: str, machine: str) -> str:
     lines = [SECTION, "",
              f"Command: `{command}`  ",
-             f"Machine: {machine}; other helpers' work ran beside it (`uptime` per size below). Each job is a "
-             f"fresh process that loads the float32 matrix into memory first; its peak RSS includes that copy.  ",
+             f"Machine: {machine}, shared with other helpers' work (`uptime` per size below: the load average "
+             f"was far above the 2 cores, so wall times are several times what the same job takes alone). Each job "
+             f"is a fresh process that loads the float32 matrix into memory first; its peak RSS includes that "
+             f"copy; its CPU time (user + system, the whole process) is what the job costs the machine.  ",
              "Data: the search bench's CLIP-like generator (a vector's nearest other vector has cosine ~0.81) "
              f"with planted near-duplicates: a share of vectors has 1-3 copies at cosine 0.955-0.995. "
              f"Threshold {THRESHOLD}.", ""]
     for r in results:
         d, b, s, rnd = r["duplicates"], r["baseline"], r["sample"], r["random"]
         lines += [f"**{r['n']:,} x 512** (uptime before: `{r['uptime_start']}`; after: `{r['uptime_end']}`)", "",
-                  "| job | wall | peak RSS | result |", "|---|---:|---:|---|"]
+                  "| job | wall | CPU | peak RSS | result |", "|---|---:|---:|---:|---|"]
         vs = r.get("vs_baseline")
         truth = (f"same groups as the all-pairs baseline: **{'yes' if vs['identical'] else 'no'}** "
                  f"({vs['rows_grouped_both']:,} of {vs['rows_grouped_truth']:,} grouped rows in both)" if vs else
-                 f"vs planted: {r['vs_planted']['rows_grouped_both']:,} of {r['vs_planted']['rows_grouped_truth']:,} "
-                 "planted rows grouped")
+                 f"{r['vs_planted']['rows_grouped_both']:,} of the {r['vs_planted']['rows_grouped_truth']:,} planted "
+                 f"rows grouped, same groups as planted: **{'yes' if r['vs_planted']['identical'] else 'no'}**")
         lines.append(f"| `find_duplicate_groups` ({d['method']}: {d.get('cells', '-')} cells, nprobe "
                      f"{d.get('nprobe', '-')}, {100 * d.get('compared_share', 1):.2f}% of all pairs scored) | "
-                     f"**{d['seconds']:.0f} s** | **{d['peak_rss_gib']:.2f} GiB** | "
+                     f"**{d['seconds']:.0f} s** | {d.get('cpu_s', 0):.0f} s | **{d['peak_rss_gib']:.2f} GiB** | "
                      f"{d['groups']:,} groups, {d['members']:,} items; {truth}; planted: {r['planted_groups']:,} "
                      f"groups, {r['planted_rows']:,} items |")
         how = ("whole" if b["blocks_run"] == b["blocks_total"] else
-               f"{b['blocks_run']} of {b['blocks_total']} blocks of 512 rows, {b['seconds']:.0f} s, extrapolated")
+               f"{b['blocks_run']} of {b['blocks_total']} blocks of 512 rows took {b['seconds']:.0f} s; extrapolated")
+        cpu = b.get("cpu_s", 0) * (b["blocks_total"] / b["blocks_run"] if b["blocks_run"] else 1)
         lines.append(f"| baseline: all pairs in numpy blocks ({how}) | {b['estimated_s']:.0f} s "
-                     f"= **{b['estimated_s'] / d['seconds']:.0f}x** ours | {b['peak_rss_gib']:.2f} GiB | |")
-        lines.append(f"| `diverse_sample`, {s['picks']:,} picks | **{s['seconds']:.0f} s** | {s['peak_rss_gib']:.2f} GiB "
-                     f"| covering radius **{s['radius']:.3f}** (cosine distance) |")
-        lines.append(f"| baseline: {s['picks']:,} uniform random picks, 3 seeds | {rnd['seconds'] / 3:.0f} s each "
-                     f"(the radius computation) | {rnd['peak_rss_gib']:.2f} GiB | radius "
-                     f"{', '.join(f'{v:.3f}' for v in rnd['radii'])} |")
+                     f"= **{b['estimated_s'] / d['seconds']:.0f}x** ours | ~{cpu:.0f} s | {b['peak_rss_gib']:.2f} GiB | |")
+        lines.append(f"| `diverse_sample`, {s['picks']:,} picks | **{s['seconds']:.0f} s** | {s.get('cpu_s', 0):.0f} s | "
+                     f"{s['peak_rss_gib']:.2f} GiB | covering radius **{s['radius']:.3f}** (cosine distance) |")
+        lines.append(f"| baseline: {s['picks']:,} uniform random picks, {len(rnd['radii'])} seeds | "
+                     f"{rnd['seconds'] / len(rnd['radii']):.0f} s each (computing the radius) | | "
+                     f"{rnd['peak_rss_gib']:.2f} GiB | radius {', '.join(f'{v:.3f}' for v in rnd['radii'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -241,17 +246,28 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--picks", type=int, default=1000)
+    parser.add_argument("--random-seeds", type=int, default=2, help="random samples whose radius is measured")
     parser.add_argument("--dup-share", type=float, default=0.02, help="share of rows in planted groups")
     parser.add_argument("--full-baseline-max", type=int, default=200_000,
                         help="largest n whose all-pairs baseline runs whole")
     parser.add_argument("--baseline-blocks", type=int, default=8, help="blocks the baseline runs above that")
     parser.add_argument("--work", help="folder for the generated matrices (default: a temp folder)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--from-json", metavar="FILE", help="write the report of an earlier run's JSON output")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        text = report(results, results[0].get("command", "python bench/curate_bench.py"), machine())
+        print(text)
+        if not args.no_write:
+            write_section(text)
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="curate-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results = [measure(n, args, work) for n in args.n]
     command = "python bench/curate_bench.py" + "".join(f" {a}" for a in sys.argv[1:])
+    for r in results:
+        r["command"] = command
     print(json.dumps(results, indent=2, default=float))
     text = report(results, command, machine())
     print(text)
