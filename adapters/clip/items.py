@@ -25,7 +25,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
 from .images import IMAGE_SUFFIXES, array_to_image
 
 IMAGE, TEXT, PROMPT, UNSUPPORTED = "image", "text", "prompt", "unsupported"
@@ -152,7 +151,7 @@ def downloaded_bytes(downloaded: Any) -> tuple[Optional[bytes], Optional[str]]:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             return buffer.getvalue(), None
-    except (OSError, ValueError, TypeError, InputError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever reading it raised is this item's reason, not the batch's
         return None, f"could not read what download gave ({type(downloaded).__name__}): {exc}"
     return None, f"download gave a {type(downloaded).__name__}, not the item's data"
 
