@@ -139,8 +139,8 @@ def test_search_explains_no_results_by_what_stopped_them_and_warns_of_a_truncate
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"no results: 5 of 5 items passed the filters, but none scored >= 0\.99 "
                         r"\(the best scored -?[\d.]+\)\n", result.stdout), result.stdout
-    assert re.search(r"warning: the query text 'a photo of a dog.*' is \d+ tokens long; the model reads the first "
-                     r"32 and ignores the rest", result.stderr)
+    assert re.search(r"warning: the query text 'a photo of a dog.*' is longer than the model's 32-token context; "
+                     r"it reads the start and ignores the rest", result.stderr)
     filtered = run("search", "dog", "--store", str(dated_store), "--where", "camera~leica*")
     assert filtered.stdout == "no results: none of the 5 items passed the filters\n"
 

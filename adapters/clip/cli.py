@@ -521,16 +521,12 @@ def _no_results(result, total: int, min_score: Optional[float]) -> str:
 
 def _warn_truncated(texts: Sequence[str], embedder) -> None:
     """CLIP reads a text's first context_length tokens (77 for OpenAI's models) and drops the rest: say so."""
-    tokenizer = embedder.clip.tokenizer
-    context = getattr(tokenizer, "context_length", None)
-    encode = getattr(tokenizer, "encode", None)
-    if not context or encode is None:
-        return
+    from .vector_query import exceeds_context
+    context = getattr(embedder.clip.tokenizer, "context_length", "its")
     for text in texts:
-        count = len(encode(text)) + 2  # with the start and end tokens
-        if count > context:
-            print(f"warning: the query text {_shorten(text)!r} is {count} tokens long; the model reads the first {context} "
-                  f"and ignores the rest", file=sys.stderr)
+        if exceeds_context(text, embedder):
+            print(f"warning: the query text {_shorten(text)!r} is longer than the model's {context}-token context; "
+                  f"it reads the start and ignores the rest", file=sys.stderr)
 
 
 def _hit_caption(hit: "Hit", name: str) -> str:
