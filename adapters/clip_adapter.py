@@ -406,6 +406,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         from adapters.clip.manifests import load_pairs
         from adapters.clip.reports import name_output
         from adapters.clip.runs import BEST, LAST, WISE_FT
+        from adapters.clip.termination import sigterm_stops_training
         from adapters.clip.train import fit
 
         self._require_loaded()
@@ -428,7 +429,8 @@ class ClipAdapter(dl.BaseModelAdapter):
 
         self._interrupted = False
         try:
-            result = fit(settings, pairs, run_dir, clip=self.clip, resume=resume, on_epoch_end=on_epoch_end)
+            with sigterm_stops_training():  # a preempted pod raises here, so dtlpy uploads on failure
+                result = fit(settings, pairs, run_dir, clip=self.clip, resume=resume, on_epoch_end=on_epoch_end)
         except BaseException:
             self._interrupted = True  # what `save` then uploads: see _save_interrupted_run
             raise

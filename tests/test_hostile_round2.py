@@ -354,3 +354,38 @@ def test_resume_refuses_images_whose_pixels_changed_since_the_run_started(tmp_pa
     assert problem is not None and "content of its training/validation images changed" in problem
     with pytest.raises(DataError, match="images changed"):
         fit(settings, pairs, run_dir, resume=True, show_progress=False)
+
+
+# ---- 6. SIGTERM is a clean stop (the platform's train_model: tests/test_platform_sigterm.py) ----------
+def test_sigterm_stops_a_local_training_like_ctrl_c_and_says_how_to_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from adapters.clip.manifests import write_manifest
+    from adapters.clip.pairs import CaptionPair
+
+    pairs = []
+    for i in range(6):
+        pattern_image(120 + i).save(tmp_path / f"s{i}.png")
+        pairs.append(CaptionPair(image=tmp_path / f"s{i}.png", caption=f"sample {i}",
+                                 subset="train" if i < 4 else "validation"))
+    write_manifest(pairs, tmp_path / "pairs.jsonl")
+    run = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "adapters.clip", "train", "--data", str(tmp_path / "pairs.jsonl"), "--out", str(run),
+         "--model", "tiny", "--set", "device=cpu", "--set", "batch_size=4", "--set", "num_workers=0",
+         "--set", "num_epochs=10000", "--set", "early_stop=false"],
+        cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = run / "last" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and child.poll() is None:  # the run has its first checkpoint (epoch 0: the start)
+        assert time.monotonic() < deadline, "no checkpoint in 2 minutes"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and f"train --out {run} --resume" in err and "Traceback" not in err
+    assert json.loads(state.read_text())["epoch"] >= 0  # what was finished is kept: --resume starts from it

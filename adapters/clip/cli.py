@@ -11,10 +11,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 from .engines import ENGINES
 from .errors import DISK_FULL_HINT, ClipAdapterError, WeightsUnavailableError, describe_os_error
@@ -1060,7 +1062,8 @@ def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False,
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _PlainFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
     try:
-        code = command()
+        with sigterm_as_interrupt():
+            code = command()
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is then handled below
         return code
     except UsageError as exc:
@@ -1083,6 +1086,29 @@ def run_command(command: Callable[[], int], prog: str, *, verbose: bool = False,
         print(f"error: store database: {exc}" + (f"; {DISK_FULL_HINT}" if "full" in str(exc) else ""),
               file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"interrupted after {elapsed():.1f} s" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{how} after {elapsed():.1f} s" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a shutdown), handled as Ctrl-C is: what was kept is said, and how to carry on."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated` in it instead of ending the process on the spot
+    (Python's default): the command's own cleanup runs, as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

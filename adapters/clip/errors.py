@@ -63,6 +63,10 @@ class EngineError(ClipAdapterError):
     """An inference engine (ONNX Runtime, OpenVINO) or its export is unavailable or failed."""
 
 
+class TrainingStopped(ClipAdapterError):
+    """A training was asked to stop (SIGTERM); its last finished epoch is kept for resuming."""
+
+
 class TrainingDivergedError(ClipAdapterError):
     """The loss or the weights became NaN or infinite; the best checkpoint so far is kept."""
 

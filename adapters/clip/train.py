@@ -19,6 +19,7 @@ Recipe (why each piece is there: docs/fine-tuning.md):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,13 +38,14 @@ from .config import ClipConfig
 from .pairs import CaptionPair, PairSet
 from .embed import Embedder, capped_texts
 from .progress import progress_bar
-from .errors import CheckpointError, ConfigError, DataError, InputError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError, DataError, InputError, TrainingDivergedError, TrainingStopped
 from .images import load_image
 from .faults import faultpoint
 from .files import atomic_directory, atomic_path, recover_directory, write_json_atomic
 from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict, save_checkpoint,
                      write_checkpoint_files)
 from .reports import CURVES_PNG, plot_curves, write_report
+from .termination import raise_if_stop_requested
 from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, RUN_STATE_KEYS, TRAINER_KEYS, TRAINER_STATE, WISE_FT,
                    EpochRecord, FitResult, RunState, append_metrics, check_resumable, images_fingerprint, numpy_rng_state,
                    pairs_fingerprint, python_rng_state,
@@ -122,7 +124,7 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
         started = time.perf_counter()
         plan = sampler.plan(epoch)
         with progress_bar(len(plan), f"epoch {epoch}/{config.num_epochs}", unit="batch", enabled=show_progress,
-                          leave=False) as bar:
+                          leave=False) as bar, stopped_in(epoch, run_dir):
             stats = train_one_epoch(task, loader.iterate(plan), optimizer, scaler, schedule,
                                     first_step=state.step, grad_clip_norm=config.grad_clip_norm, bar=bar)
         if not stats.losses:
@@ -158,6 +160,16 @@ def fit(config: ClipConfig, data: Union[PairSet, Sequence[CaptionPair]], run_dir
     return finish(config, clip, run_dir, state, validate, len(train_pairs), problems, start_weights)
 
 
+@contextlib.contextmanager
+def stopped_in(epoch: int, run_dir: Path) -> Iterator[None]:
+    """A stop requested during `epoch` says what is kept."""
+    try:
+        yield
+    except TrainingStopped as exc:
+        raise TrainingStopped(f"{exc} during epoch {epoch}: {run_dir / LAST} keeps epoch {epoch - 1}; resuming the "
+                              f"run continues from there") from None
+
+
 @dataclass
 class EpochStats:
     losses: list[float] = field(default_factory=list)
@@ -177,6 +189,7 @@ def train_one_epoch(task: "ContrastiveTask", batches: Iterable["Batch"], optimiz
     norms: list[torch.Tensor] = []
     started = time.perf_counter()
     for batch in batches:
+        raise_if_stop_requested()
         stats.skipped += batch.skipped
         if len(batch) < 2:
             continue  # every other pair of this batch failed to load: nothing to contrast
