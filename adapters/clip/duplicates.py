@@ -155,7 +155,7 @@ def exact_pairs(x: np.ndarray, threshold: float, components: Components, *, prog
 
 
 NPROBE_CHOICES = (1, 2, 3, 4, 6, 8)
-QUERY_ROWS = 2048                # query rows per product in the partition join
+QUERY_ROWS = 2048                # query rows per product in the partition join (fewer for crowded cells)
 
 
 def partition(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -254,8 +254,9 @@ def partition_pairs(x: np.ndarray, threshold: float, components: Components, *, 
             queries = probers[prober_bounds[cell]:prober_bounds[cell + 1]]
             if len(inside) and len(queries):
                 block = np.ascontiguousarray(x[inside].T)
-                for start in range(0, len(queries), QUERY_ROWS):
-                    rows = queries[start:start + QUERY_ROWS]
+                step = max(16, min(QUERY_ROWS, BLOCK_BYTES // (4 * len(inside))))   # a crowded cell: fewer rows
+                for start in range(0, len(queries), step):
+                    rows = queries[start:start + step]
                     i, j = np.nonzero(x[rows] @ block >= threshold)
                     components.add(rows[i], inside[j])
                 compared += len(inside) * len(queries)
