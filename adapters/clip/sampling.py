@@ -127,7 +127,7 @@ class _Greedy:
 
     def nearest_mean(self) -> int:
         """The first pick without excluded centres: the row nearest the selection's mean direction."""
-        mean = self.x[self.usable].sum(axis=0)
+        mean = self.usable.astype(np.float32) @ self.x             # no copy of the usable rows
         scores = self.x @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
         scores[~self.usable] = -np.inf
         return int(np.argmax(scores))
@@ -180,5 +180,6 @@ def covering_radius(vectors: np.ndarray, picks: np.ndarray, *, exclude: Optional
     if exclude is not None and len(exclude):
         extra, ok = unit_rows(exclude)
         centres = np.concatenate([centres, extra[ok]])
-    distance, _ = nearest_centre(x[usable], centres)
+    distance, _ = nearest_centre(x, centres)
+    distance = distance[usable]
     return float(max(0.0, distance.max())) if len(distance) else 0.0
