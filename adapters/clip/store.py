@@ -213,7 +213,8 @@ def unreadable_database(root: Path, data_dir: Path, exc: Exception) -> StoreErro
     wal = data_dir / f"{DB_FILE}-wal"
     writer = running_writer(root)
     # (the failed reader itself may have left an empty log file where the deleted one was)
-    if writer is not None and (not wal.exists() or wal.stat().st_size == 0) and (data_dir / f"{DB_FILE}-shm").exists():
+    log_gone = not wal.exists() or wal.stat().st_size == 0
+    if writer is not None and log_gone and (data_dir / f"{DB_FILE}-shm").exists():
         return StoreError(f"store {root} is being written (pid {writer}) and its write-ahead log {wal.name} is "
                           f"missing (deleted while in use?): the database cannot be read until that writer "
                           f"finishes; search again then (nothing is lost: the writer holds the log open)")

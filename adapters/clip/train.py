@@ -47,9 +47,9 @@ from .models import (CHECKPOINT_WEIGHTS, ClipModel, load_model, read_state_dict,
 from .reports import CURVES_PNG, plot_curves, write_report
 from .termination import raise_if_stop_requested
 from .runs import (BEST, LAST, METRICS_LOG, RUN_STATE, RUN_STATE_KEYS, TRAINER_KEYS, TRAINER_STATE, WISE_FT,
-                   EpochRecord, FitResult, RunState, append_metrics, check_resumable, images_fingerprint, numpy_rng_state,
-                   pairs_fingerprint, python_rng_state,
-                   rewrite_metrics_log, set_numpy_rng_state, set_python_rng_state)
+                   EpochRecord, FitResult, RunState, append_metrics, check_resumable, images_fingerprint,
+                   numpy_rng_state, pairs_fingerprint, python_rng_state, rewrite_metrics_log, set_numpy_rng_state,
+                   set_python_rng_state)
 
 log = logging.getLogger(__name__)
 
