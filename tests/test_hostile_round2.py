@@ -357,11 +357,9 @@ def test_resume_refuses_images_whose_pixels_changed_since_the_run_started(tmp_pa
 
 
 # ---- 6. SIGTERM is a clean stop (the platform's train_model: tests/test_platform_sigterm.py) ----------
-def test_sigterm_stops_a_local_training_like_ctrl_c_and_says_how_to_resume(tmp_path):
+def test_sigterm_stops_a_local_training_like_ctrl_c_and_says_how_to_resume(tmp_path, capsys):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     from adapters.clip.manifests import write_manifest
@@ -374,18 +372,25 @@ def test_sigterm_stops_a_local_training_like_ctrl_c_and_says_how_to_resume(tmp_p
                                  subset="train" if i < 4 else "validation"))
     write_manifest(pairs, tmp_path / "pairs.jsonl")
     run = tmp_path / "run"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "adapters.clip", "train", "--data", str(tmp_path / "pairs.jsonl"), "--out", str(run),
-         "--model", "tiny", "--set", "device=cpu", "--set", "batch_size=4", "--set", "num_workers=0",
-         "--set", "num_epochs=10000", "--set", "early_stop=false"],
-        cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = run / "last" / "state.json"
-    deadline = time.monotonic() + 120
-    while not state.is_file() and child.poll() is None:  # the run has its first checkpoint (epoch 0: the start)
-        assert time.monotonic() < deadline, "no checkpoint in 2 minutes"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGTERM)
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == 128 + signal.SIGTERM, err
+
+    finished = threading.Event()
+
+    def terminate_once_checkpointed() -> None:  # as `kill PID` would, from outside the training
+        deadline = time.monotonic() + 120
+        while not state.is_file() and time.monotonic() < deadline and not finished.is_set():
+            time.sleep(0.05)
+        if not finished.is_set():  # (never after the command: that would end the test run itself)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_checkpointed)
+    killer.start()
+    code = main(["train", "--data", str(tmp_path / "pairs.jsonl"), "--out", str(run), "--model", "tiny",
+                 "--set", "device=cpu", "--set", "batch_size=4", "--set", "num_workers=0",
+                 "--set", "num_epochs=10000", "--set", "early_stop=false"])
+    finished.set()
+    killer.join()
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and f"train --out {run} --resume" in err and "Traceback" not in err
     assert json.loads(state.read_text())["epoch"] >= 0  # what was finished is kept: --resume starts from it
