@@ -63,12 +63,14 @@ if _REPO_ROOT not in sys.path:
 from adapters.clip.config import ClipConfig  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
 from adapters.clip.errors import ClipAdapterError, describe_os_error  # noqa: E402
+from adapters.clip.feature_sets import MIXED_VECTORS_NOTE, SAMPLE_SIZE, VectorCheck, batches  # noqa: E402
 from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
                                  downloaded_bytes, item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
 from adapters.clip.onnx_export import attach_engine  # noqa: E402
 from adapters.clip.prefetch import Prefetcher  # noqa: E402
-from adapters.clip.runs import adopt_run, is_marked_resumable, mark_resumable, read_saved_run  # noqa: E402
+from adapters.clip.runs import (RESUME_ARCHIVE, adopt_run, archive_is_resumable, flatten_run,  # noqa: E402
+                                pack_resume_state, read_saved_run, unpack_resume_state)
 
 # Keys dtlpy itself keeps in a model's configuration; ours are validated by ClipConfig.
 DTLPY_KEYS = frozenset({f.name for f in dataclasses.fields(AdapterDefaults)} | {
@@ -122,6 +124,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._interrupted = False  # the last train() failed: `save` keeps the starting weights
         self._prefetchers: list[Prefetcher] = []  # one per embed_items/predict_items call in progress
         self._prefetch_lock = threading.Lock()
+        self._vectors_checked = False  # the feature set was looked at for the earlier adapter's vectors
         super().__init__(model_entity=model_entity)
 
     # ---- configuration -------------------------------------------------------------------
@@ -151,6 +154,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         settings = self.read_settings()
         self._warned_no_labels = False
         self._artifacts_dir, self._interrupted = (Path(local_path) if local_path else None), False
+        self._vectors_checked = False
         checkpoint = find_checkpoint(local_path, settings.weights_filename) if local_path else None
         source = str(checkpoint) if checkpoint else settings.model_name
         self.clip = attach_engine(load_model(source, device=settings.device, precision=settings.precision,
@@ -169,23 +173,23 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._require_loaded()
         run_dir = Path(local_path) / self.TRAINING_DIR
         if self._interrupted:
-            self._save_interrupted_run(run_dir)
+            self._save_interrupted_run(run_dir, local_path)
             return
         save_checkpoint(self.clip, local_path, config=self.settings.to_dict(),
                         metrics=kwargs.get("metrics"), replace_directory=False)
         if run_dir.is_dir():  # a finished training: an earlier interrupted run's state is stale now
-            mark_resumable(run_dir, False)
+            flatten_run(run_dir, local_path, resumable=False)
 
-    def _save_interrupted_run(self, run_dir: Path) -> None:
+    def _save_interrupted_run(self, run_dir: Path, local_path: str) -> None:
         """dtlpy's train_model uploads `output_path` when training fails too (preemption, timeout, an
         error): keep the model's starting weights as its weights, and upload the resume state so the
         next train_model continues from the last finished epoch instead of starting over."""
-        resumable = read_saved_run(run_dir) is not None
+        resumable = run_dir.is_dir() and read_saved_run(run_dir) is not None
         if run_dir.is_dir():
-            mark_resumable(run_dir, resumable)
+            flatten_run(run_dir, local_path, resumable)
         self.logger.warning(
             "training was interrupted: the model keeps its starting weights (the best epoch so far is in its "
-            f"artifacts under {self.TRAINING_DIR}/best); "
+            f"artifacts, in {RESUME_ARCHIVE}); "
             + ("train it again to continue from the last finished epoch" if resumable
                else "no epoch had finished, so the next training starts over"))
 
@@ -199,7 +203,13 @@ class ClipAdapter(dl.BaseModelAdapter):
         one execution the network and the CPU take turns. While this call runs, a prefetcher over
         `items` fetches the next batch as soon as dtlpy asks for the current one, and
         `prepare_item_func` hands dtlpy what it fetched (docs/platform.md has the measurements).
+
+        Before the first upload into the model's feature set (once per loaded model), a look at its
+        oldest vectors: the earlier adapter's there are reported (see `migrate_feature_set`).
         """
+        if upload_features is not False:
+            self._check_vectors_once("embed_dataset on the model's datasets, or migrate_feature_set(), embeds them "
+                                     "again")
         with self._overlapped_downloads(items, batch_size):
             return super().embed_items(items, upload_features=upload_features, batch_size=batch_size,
                                        progress=progress, **kwargs)
@@ -324,6 +334,86 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.logger.info(f"search {text!r} in {dataset.name!r}: {len(found.items)} result(s)")
         return found.items, found.json
 
+    # ---- the earlier adapter's vectors in the model's feature set -----------------------
+    def embed_dataset(self, dataset: dl.Dataset, filters=None, upload_features=None, batch_size=None,
+                      progress=None, **kwargs):
+        """dtlpy's embed_dataset, first embedding again every item whose vector in the model's feature set is
+        the earlier adapter's (a dataset function runs on a config that can wait for it)."""
+        if self._check_vectors_once("embedding them again now (migrate_feature_set)").mixed:
+            self.migrate_feature_set()
+        return super().embed_dataset(dataset=dataset, filters=filters, upload_features=upload_features,
+                                     batch_size=batch_size, progress=progress, **kwargs)
+
+    def _check_vectors_once(self, action: str) -> VectorCheck:
+        """The oldest SAMPLE_SIZE vectors of the feature set, checked once per loaded model; logs what it
+        means if they are the earlier adapter's. Never stops an embedding: a failed look is a warning."""
+        if self._vectors_checked or self.entity_or_none() is None:
+            return VectorCheck()
+        self._vectors_checked = True
+        try:
+            check = VectorCheck().add(next(iter(self._feature_vectors(SAMPLE_SIZE)), []))
+        except Exception as exc:  # noqa: BLE001 - the look is a courtesy; the embedding goes on
+            self.logger.warning(f"could not look at the feature set's vectors: {type(exc).__name__}: {exc}")
+            return VectorCheck()
+        if check.mixed:
+            self.logger.warning(MIXED_VECTORS_NOTE.format(name=self.feature_set.name) + f"; {action}")
+        return check
+
+    def _feature_vectors(self, page_size: int):
+        """(entity id, vector) pairs of the model's feature set, oldest first (dtlpy sorts by id), a page at a time."""
+        filters = dl.Filters(resource=dl.FiltersResource.FEATURE, page_size=page_size)
+        for page in self.feature_set.features.list(filters=filters):
+            yield [(feature.entity_id, feature.value) for feature in page]
+
+    MIGRATION_PAGE_SIZE = 200  # vectors read per request while looking for the earlier adapter's
+
+    @user_errors
+    def migrate_feature_set(self, batch_size: Optional[int] = None) -> int:
+        """Embed again every item whose vector in the model's feature set is not unit length (the earlier
+        CLIP adapter's), so a search never ranks a mixture. Returns how many items were embedded again.
+
+        From the SDK: `ClipAdapter(model_entity=model).migrate_feature_set()`; `embed_dataset` runs it by
+        itself when it finds such vectors. An item that cannot be embedded now keeps its old vector and
+        is named in the log."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._require_loaded()
+        self._vectors_checked = True  # re-embedding goes through embed_items: no second look
+        check = VectorCheck()
+        for page in self._feature_vectors(self.MIGRATION_PAGE_SIZE):
+            check.add(page)
+        if not check.mixed:
+            self.logger.info(f"feature set {self.feature_set.name!r}: all {check.looked_at} vectors are current")
+            return 0
+        self.logger.info(f"feature set {self.feature_set.name!r}: embedding {len(check.old_entities)} of "
+                         f"{check.looked_at} items again (their vectors are the earlier adapter's)")
+        done, missing = 0, []
+        with ThreadPoolExecutor(max_workers=16) as pool:  # item fetches wait on the network, not the CPU
+            for ids in batches(check.old_entities, batch_size or self.settings.batch_size):
+                fetched = list(pool.map(self._item_or_none, ids))
+                missing += [item_id for item_id, item in zip(ids, fetched) if item is None]
+                items = [item for item in fetched if item is not None]
+                if not items:
+                    continue
+                try:
+                    embedded, _ = self.embed_items(items, upload_features=True, batch_size=batch_size)
+                except Exception as exc:  # noqa: BLE001 - one failed batch keeps its old vectors, the rest go on
+                    self.logger.warning(f"embedding {len(items)} items again failed: {type(exc).__name__}: {exc}")
+                    continue
+                done += len(embedded)
+        if done < len(check.old_entities):
+            self.logger.warning(f"{len(check.old_entities) - done} items keep their old vectors (missing: "
+                                f"{missing[:20]}{' ...' if len(missing) > 20 else ''}; others failed to embed, "
+                                f"see above)")
+        return done
+
+    @staticmethod
+    def _item_or_none(item_id: str) -> Optional[dl.Item]:
+        try:
+            return dl.items.get(item_id=item_id)
+        except Exception:  # noqa: BLE001 - a deleted item keeps its vector; counted by the caller
+            return None
+
     # ---- predict (zero-shot classification) ---------------------------------------------
     @user_errors
     def predict(self, batch: list, **kwargs) -> list:
@@ -386,7 +476,10 @@ class ClipAdapter(dl.BaseModelAdapter):
         return cached[1]
 
     # ---- train / evaluate ----------------------------------------------------------------
-    TRAINING_DIR = "training"  # under output_path: metrics.jsonl, curves.png, report.md/json (uploaded)
+    # The run's folder under output_path while training; `save` lays it out flat at the top of the model
+    # (training_report.json/.md, training_curves.png, training_metrics.jsonl, training_resume.zip):
+    # dtlpy lists a model's artifacts with `<model folder>/*`, which does not reach into subfolders.
+    TRAINING_DIR = "training"
 
     @user_errors
     def train(self, data_path: str, output_path: str, **kwargs) -> None:
@@ -441,33 +534,42 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.logger.info(f"training finished: {self._headline(result.report)}")
 
     def _upload_resume_state(self, run_dir: Path) -> None:
-        """The run so far (last/, best/, metrics) to the model's artifacts under training/: what the next
-        train_model continues from if this pod is killed outright (no exception, so no save on failure)."""
+        """The run so far (last/, best/, metrics), as one archive at the top of the model's artifacts: what
+        the next train_model continues from if this pod is killed outright (no exception, so no save)."""
+        import tempfile
+
         entity = self.entity_or_none()
         if entity is None:
             return
-        mark_resumable(run_dir, True)
         started = time.monotonic()
         try:
-            entity.artifacts.upload(filepath=str(run_dir), overwrite=True)  # keeps the folder: training/...
+            with tempfile.TemporaryDirectory(prefix="clip-resume-") as folder:
+                archive = Path(folder) / RESUME_ARCHIVE
+                pack_resume_state(run_dir, archive, resumable=True)
+                entity.artifacts.upload(filepath=str(archive), overwrite=True)
         except Exception as exc:  # noqa: BLE001 - a failed upload costs resumability, not the training
             self.logger.warning(f"could not upload the resume state: {type(exc).__name__}: {exc}")
             return
         self.logger.info(f"uploaded the resume state in {time.monotonic() - started:.0f} s")
 
     def _continue_interrupted_run(self, run_dir: Path, settings: ClipConfig, pairs) -> bool:
-        """Put the resume state an interrupted train_model uploaded (now downloaded with the artifacts)
-        into `run_dir`, when it is this model's run on the same data and configuration."""
+        """Put the resume state an interrupted train_model uploaded (downloaded with the artifacts by
+        load_from_model) into `run_dir`, when it is this model's run on the same data and configuration."""
+        import tempfile
+
         from adapters.clip.train import resume_problem
 
-        saved = self._artifacts_dir / self.TRAINING_DIR if self._artifacts_dir is not None else None
-        if saved is None or not is_marked_resumable(saved) or saved.resolve() == run_dir.resolve():
+        archive = self._artifacts_dir / RESUME_ARCHIVE if self._artifacts_dir is not None else None
+        if archive is None or not archive_is_resumable(archive):
             return False
-        problem = resume_problem(saved, settings, pairs, self.clip)
-        if problem is not None:
-            self.logger.warning(f"not continuing the interrupted training ({problem}): training from the start")
-            return False
-        self.logger.info(f"continuing the interrupted training after epoch {adopt_run(saved, run_dir).epoch}")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".resume-", dir=run_dir.parent) as folder:
+            saved = unpack_resume_state(archive, folder)
+            problem = resume_problem(saved, settings, pairs, self.clip)
+            if problem is not None:
+                self.logger.warning(f"not continuing the interrupted training ({problem}): training from the start")
+                return False
+            self.logger.info(f"continuing the interrupted training after epoch {adopt_run(saved, run_dir).epoch}")
         return True
 
     EVAL_FIGURES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall",

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from adapters.clip.files import write_json_atomic
 from adapters.clip.items import caption_annotation_json, prompt_item_json, stream_url
+from adapters.clip.runs import flat_name, flatten_run
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -121,7 +122,7 @@ def train_with_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path, 
     adapter.train(str(data_dir), str(model_dir),
                   on_epoch_end_callback=lambda i, n: None)
     adapter.save(str(model_dir))  # what dtlpy's save_to_model does before uploading model_dir
-    report = json.loads((model_dir / adapter.TRAINING_DIR / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((model_dir / flat_name("report.json")).read_text(encoding="utf-8"))  # laid out flat by save
     return report, f"ClipAdapter.train ({len(samples)} metric samples kept locally instead of sent to the platform)"
 
 
@@ -174,6 +175,7 @@ def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Pa
     settings = ClipConfig.from_dict(config)
     result = fit(settings, load_pairs(data_dir), model_dir / "training")
     save_checkpoint(result.clip, model_dir, config=settings.to_dict(), replace_directory=False)
+    flatten_run(model_dir / "training", model_dir, resumable=False)  # the layout the adapter's save leaves
     return result.report
 
 
@@ -235,11 +237,10 @@ def run_demo(out: str | Path = "out/demo", *, epochs: Optional[int] = None, quie
     metrics = compare_models(data_dir, model_dir, out)
     chance = 1.0 / max(1, counts.get("validation", 1))
     before, after = metrics["before"], metrics["after"]
-    training = model_dir / "training"
     summary = {
         "seconds": round(time.perf_counter() - started, 1), "chance_r1": chance,
         "before": before, "after": after, "data": str(data_dir), "model": str(model_dir),
-        "report": str(training / "report.md"), "curves": str(training / "curves.png"),
+        "report": str(model_dir / flat_name("report.md")), "curves": str(model_dir / flat_name("curves.png")),
         "queries": [str(out / "queries_before.png"), str(out / "queries_after.png")],
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

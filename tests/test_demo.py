@@ -26,10 +26,10 @@ def test_demo_builds_data_trains_through_the_adapter_and_reports(tmp_path, capsy
     assert "via ClipAdapter.train" in printed
     assert load_model(summary["model"], device="cpu").fingerprint != load_model("tiny", device="cpu").fingerprint
     assert summary["after"]["mean_recall"] > summary["before"]["mean_recall"]
-    report = json.loads((out / "model" / "training" / "report.json").read_text())
+    report = json.loads((out / "model" / "training_report.json").read_text())
     assert report["training"]["epochs_run"] == 3
     assert report["model"]["output"] == summary["model"]  # not training/best, which the adapter removed
-    assert f"output `{summary['model']}`" in (out / "model" / "training" / "report.md").read_text()
+    assert f"output `{summary['model']}`" in (out / "model" / "training_report.md").read_text()
     for path in [summary["report"], summary["curves"], *summary["queries"]]:
         assert path in printed
     for path in [summary["curves"], *summary["queries"]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import dtlpy as dl
 import numpy as np
@@ -255,10 +256,14 @@ def test_train_model_prepares_trains_uploads_and_reports(platform, project):
     assert stored["status"] == "trained"
     assert [log["status"] for log in stored["statusLogs"]] == ["training", "trained"]
     assert [p["progress"] for p in progress if "progress" in p][:2] == [50, 100]  # per epoch, from our callback
-    files = platform.artifact_files(model.id)
-    assert {"model.safetensors", "clip_config.json", "training/report.json", "training/curves.png"} <= set(files)
-    assert not [f for f in files if f.startswith(("training/last/", "training/best/"))]  # no duplicate weights
-    report = json.loads(files["training/report.json"])
+    files = platform.artifact_files(model.id)  # what dtlpy lists: `<model folder>/*`, no subfolders
+    assert {"model.safetensors", "clip_config.json", "training_report.json", "training_report.md",
+            "training_curves.png", "training_metrics.jsonl", "training_resume.zip"} <= set(files)
+    assert not [f for f in files if "/" in f]
+    assert not [i for i in platform.items.values() if f"/{model.name}/training/" in i["filename"]]  # none unlisted
+    with zipfile.ZipFile(io.BytesIO(files["training_resume.zip"])) as bundle:  # finished: no duplicate weights
+        assert bundle.namelist() == ["resume.json"] and json.loads(bundle.read("resume.json"))["resumable"] is False
+    report = json.loads(files["training_report.json"])
     assert report["data"]["train_pairs"] == 16 and report["data"]["validation_pairs"] == 6
     assert report["training"]["best_epoch"] >= 1
     assert sorted({(m["figure"], m["legend"]) for m in platform.metrics if m["modelId"] == model.id}) == [

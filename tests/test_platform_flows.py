@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import dtlpy as dl
@@ -66,6 +67,15 @@ class EvictedAfterEpoch:
             raise self.how("pod evicted")
 
 
+def resume_archive(files: dict[str, bytes]) -> dict:
+    """What the model's training_resume.zip says: resumable, and the last finished epoch if it is."""
+    with zipfile.ZipFile(io.BytesIO(files["training_resume.zip"])) as bundle:
+        found = json.loads(bundle.read("resume.json"))
+        if found["resumable"]:
+            found["epoch"] = json.loads(bundle.read("last/state.json"))["epoch"]
+    return found
+
+
 RESUME_CONFIG = {"num_epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0, "early_stop": False}
 _UNINTERRUPTED: dict[str, bytes] = {}
 
@@ -95,10 +105,9 @@ def test_train_model_that_died_mid_training_is_resumed_by_the_next_train_model(p
     how = Evicted if death == "exception" else SystemExit
     with pytest.raises(how):
         ClipAdapter().train_model(model, progress=EvictedAfterEpoch(2, how))
-    files = platform.artifact_files(model.id)
+    files = platform.artifact_files(model.id)  # what dtlpy lists (`<model folder>/*`) and load_from_model gets
     assert "model.safetensors" not in files  # the model keeps its starting weights (here: the named model)
-    assert json.loads(files["training/resume.json"]) == {"resumable": True}
-    assert json.loads(files["training/last/state.json"])["epoch"] == 2
+    assert resume_archive(files) == {"resumable": True, "epoch": 2}
     assert [x for x, _ in platform.metric_points(model.id, "loss", "train")] == [1, 2]
     platform.models[model.id]["status"] = "failed"  # what the platform does with a failed execution
 
@@ -108,8 +117,8 @@ def test_train_model_that_died_mid_training_is_resumed_by_the_next_train_model(p
     assert [x for x, _ in platform.metric_points(model.id, "loss", "train")] == [1, 2, 3]
     files = platform.artifact_files(model.id)
     assert files["model.safetensors"] == uninterrupted  # bit for bit what the uninterrupted run uploaded
-    assert json.loads(files["training/resume.json"]) == {"resumable": False}
-    assert json.loads(files["training/report.json"])["training"]["epochs_run"] == 3
+    assert resume_archive(files) == {"resumable": False}
+    assert json.loads(files["training_report.json"])["training"]["epochs_run"] == 3
     if death == "exception":
         return
     # Trained again later, the stale resume state in its artifacts is not taken up: a whole new run.
@@ -254,7 +263,7 @@ def test_prepare_dataset_makes_prompt_items_that_train_model_trains_on(platform,
     model = make_model(platform, project, {"id": target.id},
                        {"num_epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0})
     ClipAdapter().train_model(model)
-    report = json.loads(platform.artifact_files(model.id)["training/report.json"])
+    report = json.loads(platform.artifact_files(model.id)["training_report.json"])
     assert report["data"]["train_pairs"] == 9 and report["data"]["validation_pairs"] == 3
 
 
@@ -299,7 +308,7 @@ def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(pla
     assert tuned > start + 0.1, (start, tuned)
     (start_r1, tuned_r1) = evaluation(platform, model, dataset, "t2i_r1")
     assert tuned_r1 > start_r1
-    report = json.loads(platform.artifact_files(model.id)["training/report.json"])
+    report = json.loads(platform.artifact_files(model.id)["training_report.json"])
     assert report["data"]["validation_pairs"] == 48
 
     # ... and where users search (issue 13): search_dataset, what the dataset browser's panel runs, over
@@ -322,3 +331,41 @@ def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(pla
     assert float(query["tuned"] @ query["start"]) < 0.99  # its own (fine-tuned) text tower, not the starting one
     np.testing.assert_allclose(query["tuned"], tuned.embedder.embed_texts([validation_pairs[0][0]]).vectors[0],
                                atol=1e-5)
+
+
+# ---- a feature set of the earlier adapter's (unnormalised) vectors ---------------------------------
+def test_embedding_into_a_feature_set_of_the_earlier_adapter_re_embeds_its_old_vectors(platform, project, caplog):
+    """The earlier adapter uploaded raw features into the feature set named after the model; updated in
+    place, this one adds unit vectors to it. A look at the set before embedding finds the old ones:
+    embed_items says once what that means; embed_dataset embeds every item with an old vector again (in
+    any dataset), so the set holds no mixture a euclidean search would rank by norm."""
+    photos = platform.add_dataset(project["id"], "photos")
+    elsewhere = platform.add_dataset(project["id"], "elsewhere")
+    items = [platform.add_item(photos["id"], f"/p{i}.png", png_bytes(400 + i), "image/png") for i in range(4)]
+    items.append(platform.add_item(photos["id"], "/note.txt", b"a green circle", "text/plain"))
+    other = platform.add_item(elsewhere["id"], "/o.png", png_bytes(410), "image/png")
+    model = make_model(platform, project)
+    dim = load_model("tiny", device="cpu").dim
+    earlier = platform.add_feature_set(project["id"], model.name, dim, model_id=model.id)
+    rng = np.random.default_rng(0)
+    for item in [*items[:3], items[4], other]:  # what the earlier adapter left: raw features, norm ~ 8
+        platform.add_feature(earlier["id"], item["id"], (rng.normal(size=dim) * 0.35).tolist())
+
+    def norms() -> dict[str, float]:
+        return {k: float(np.linalg.norm(v)) for k, v in platform.vectors_of(earlier["id"]).items()}
+
+    warned = lambda: [r for r in caplog.records if "not unit length" in r.getMessage()]  # noqa: E731
+    with caplog.at_level("WARNING", logger="ModelAdapter"):
+        adapter = ClipAdapter(model_entity=dl.models.get(model_id=model.id))
+        for item in items[3:5]:  # two calls, one look: said once
+            adapter.embed_items([dl.items.get(item_id=item["id"])])
+        assert len(warned()) == 1 and "embed_dataset" in warned()[0].getMessage()
+        assert list(platform.feature_sets) == [earlier["id"]]  # the same set: found by the model's id
+        assert sum(abs(n - 1) > 1e-3 for n in norms().values()) == 4  # embed_items re-embeds nothing else
+
+        ClipAdapter(model_entity=dl.models.get(model_id=model.id)).embed_dataset(
+            dl.datasets.get(dataset_id=photos["id"]))
+    assert len(warned()) == 2
+    assert set(norms()) == {i["id"] for i in [*items, other]}
+    assert all(abs(n - 1) < 1e-4 for n in norms().values()), norms()  # the other dataset's item included
+    assert "POST /features/vectors/query" in platform.requests

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, DataError
-from .files import strict_json, write_json_atomic
+from .files import atomic_path, strict_json, write_json_atomic
 
 if TYPE_CHECKING:  # annotations only: loading a model's module would pull in torch
     from .models import ClipModel
@@ -32,7 +33,7 @@ BEST, LAST, WISE_FT = "best", "last", "wise_ft"
 TRAINER_STATE = "trainer.pt"   # optimizer, scaler, torch RNG: tensors, loaded with weights_only=True
 RUN_STATE = "state.json"       # epoch, step, history, early stopping, python/numpy RNG
 METRICS_LOG = "metrics.jsonl"
-RESUME_MANIFEST = "resume.json"  # in a copy of the folder: whether its last/ is a run to continue
+RESUME_MANIFEST = "resume.json"  # in RESUME_ARCHIVE: whether its last/ is a run to continue
 # Keys that may differ when resuming: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "embeddings_size", "labels", "prompt_templates", "top_k",
                                "resume_upload_minutes"})
@@ -121,20 +122,85 @@ def read_saved_run(run_dir: str | Path) -> Optional[SavedRun]:
                               f"into a new --out, or delete {path.parent} to start this run over") from None
 
 
-# ---- a run folder carried elsewhere (the platform keeps it with a model's artifacts) ------------
-def mark_resumable(run_dir: str | Path, resumable: bool) -> None:
-    """Record whether the run in `run_dir` is one to continue (it went down) or done with (it finished).
-    A copy of the folder that is only ever added to (a model's artifacts) keeps an old run's last/."""
-    write_json_atomic(Path(run_dir) / RESUME_MANIFEST, {"resumable": bool(resumable)})
+# ---- a run laid out flat in a model folder (what the platform keeps as a model's artifacts) ------
+# Dataloop lists a model's artifacts with `/artifacts/models/<name>/*`, and `*` does not cross `/`:
+# a file in a subfolder is uploaded but never listed, so never downloaded again. So the run's
+# report, curves and metrics sit at the top of the model folder under flat names, and everything a
+# resume needs is one archive beside them.
+RESUME_ARCHIVE = "training_resume.zip"
+FLAT_PREFIX = "training_"
+FLAT_FILES = ("report.json", "report.md", "curves.png", METRICS_LOG)
 
 
-def is_marked_resumable(run_dir: str | Path) -> bool:
+def flat_name(name: str) -> str:
+    """The name a run file (report.json, curves.png, ...) has at the top of a model folder."""
+    return FLAT_PREFIX + name
+
+
+def pack_resume_state(run_dir: str | Path, archive: str | Path, resumable: bool) -> None:
+    """Write `archive` (atomically): RESUME_MANIFEST, plus last/, best/ and the metrics log when the run
+    is one to continue. A run that finished gets an archive with the manifest only: uploaded over the
+    old one, it says "done" and frees the space the weights took."""
+    run_dir, archive = Path(run_dir), Path(archive)
+    members: list[tuple[Path, str]] = []
+    if resumable:
+        for name in (LAST, BEST):
+            members += [(p, p.relative_to(run_dir).as_posix()) for p in sorted((run_dir / name).rglob("*"))
+                        if p.is_file()]
+        if (run_dir / METRICS_LOG).is_file():
+            members.append((run_dir / METRICS_LOG, METRICS_LOG))
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+        bundle.writestr(RESUME_MANIFEST, json.dumps({"resumable": bool(resumable)}))
+        for path, name in members:
+            bundle.write(path, name)
+
+
+def archive_is_resumable(archive: str | Path) -> bool:
+    """Whether `archive` holds a run to continue; False when it is missing, finished or unreadable."""
     try:
-        return json.loads((Path(run_dir) / RESUME_MANIFEST).read_text(encoding="utf-8"))["resumable"] is True
-    except (OSError, ValueError, KeyError, TypeError):
+        with zipfile.ZipFile(archive) as bundle:
+            return json.loads(bundle.read(RESUME_MANIFEST))["resumable"] is True
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
         return False
 
 
+def unpack_resume_state(archive: str | Path, into: str | Path) -> Path:
+    """Extract a resumable archive into the folder `into` (a run folder adopt_run can read)."""
+    into = Path(into)
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(into)  # zipfile drops absolute paths and '..' from member names
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{archive}: cannot read the resume state ({type(exc).__name__}: {exc})") from None
+    return into
+
+
+def flatten_run(run_dir: str | Path, model_dir: str | Path, resumable: bool) -> list[str]:
+    """Lay the run in `run_dir` (a subfolder of `model_dir`) out for a model's artifacts: its report,
+    curves and metrics as flat `training_*` files and its resume state as RESUME_ARCHIVE, at the top of
+    `model_dir`; then remove `run_dir`, so nothing is uploaded where a listing would not find it.
+    Returns the names written."""
+    import shutil
+
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    written = []
+    for name in FLAT_FILES:
+        if (run_dir / name).is_file():
+            with atomic_path(model_dir / flat_name(name)) as tmp:
+                if name.endswith(".md"):  # its links name the run's files: point them at the flat names
+                    text = (run_dir / name).read_text(encoding="utf-8")
+                    for linked in FLAT_FILES:
+                        text = text.replace(f"]({linked})", f"]({flat_name(linked)})")
+                    tmp.write_text(text, encoding="utf-8")
+                else:
+                    shutil.copyfile(run_dir / name, tmp)
+            written.append(flat_name(name))
+    pack_resume_state(run_dir, model_dir / RESUME_ARCHIVE, resumable)
+    shutil.rmtree(run_dir)
+    return written + [RESUME_ARCHIVE]
+
+
+# ---- a run folder carried elsewhere -----------------------------------------------------------
 def adopt_run(saved: str | Path, run_dir: str | Path) -> Optional[SavedRun]:
     """Copy what resuming reads (last/, best/, the metrics log) from `saved` into `run_dir`."""
     import shutil

@@ -179,11 +179,16 @@ class FakeGate:
 
     @route("POST", "/datasets/query")
     def query_datasets(self, request: Request) -> Reply:
+        """Datasets by DQL, within `?projects=` and `context.projects`. System datasets (a project's
+        Binaries) only with `systemSpace: true`, which dtlpy sets to find Binaries (_get_binaries_dataset)."""
         query = request.json() or {}
-        project_ids = request.query.get("projects", [])
+        dql.check_query_keys(query, also=("systemSpace",))
+        project_ids = set(request.query.get("projects", [])) | (self._context_projects(query) or set())
+        system = bool(query.get("systemSpace"))
         with self.state.lock:
             return Reply(dql.run([d for d in self.state.datasets.values()
-                                  if not project_ids or set(project_ids) & set(d["projects"])], query))
+                                  if (not project_ids or project_ids & set(d["projects"]))
+                                  and (system or d["metadata"]["system"].get("scope") != "system")], query))
 
     @route("POST", "/datasets")
     def create_dataset(self, request: Request) -> Reply:
@@ -336,32 +341,52 @@ class FakeGate:
         return Reply(created)
 
     # ---- feature sets and vectors ------------------------------------------------------------
+    @staticmethod
+    def _context_projects(query: dict) -> Optional[set]:
+        """`context: {projects: [...]}` (dtlpy's FeatureSets.list and Features.list set it): the query
+        sees only those projects' documents. None when the query names no projects."""
+        context = query.get("context") or {}
+        unknown = set(context) - {"projects"}
+        if unknown:
+            raise dql.UnsupportedQuery(f"query context keys {sorted(unknown)}")
+        return set(context["projects"]) if "projects" in context else None
+
     @route("POST", "/features/sets/query")
     def query_feature_sets(self, request: Request) -> Reply:
         query = request.json() or {}
+        dql.check_query_keys(query)
+        projects = self._context_projects(query)
         with self.state.lock:
-            return Reply(dql.run(self.state.feature_sets.values(), query))
+            return Reply(dql.run([f for f in self.state.feature_sets.values()
+                                  if projects is None or f["project"] in projects], query))
+
+    @route("GET", f"/features/sets/{ID}")
+    def get_feature_set(self, request: Request) -> Reply:
+        """dtlpy's `feature_sets.get(feature_set_id=...)`."""
+        with self.state.lock:
+            return Reply(self.state.feature_sets[request.match[1]])
+
+    @route("POST", "/features/vectors/query")
+    def query_feature_vectors(self, request: Request) -> Reply:
+        """dtlpy's `Features.list` (`feature_set.features.list()`, `item.features.list()`): vectors by DQL
+        (`featureSetId`, `entityId`, `datasetId`), within `context.projects`, sorted (dtlpy sorts by id), paged."""
+        query = request.json() or {}
+        dql.check_query_keys(query)
+        if query.get("join"):
+            raise dql.UnsupportedQuery("a join in a feature vectors query")
+        projects = self._context_projects(query)
+        with self.state.lock:
+            found = [f for f in self.state.features.values() if projects is None or f["project"] in projects]
+            return Reply(copy.deepcopy(dql.run(found, query)))
 
     @route("POST", "/features/sets")
     def create_feature_set(self, request: Request) -> Reply:
         payload = request.json()
         with self.state.lock:
-            feature_set_id = self.state.new_id()
-            feature_set = {"id": feature_set_id, "name": payload["name"], "size": payload["size"],
-                           "type": payload.get("type"), "entityType": payload.get("entityType"),
-                           "project": payload.get("project"), "modelId": payload.get("modelId"),
-                           "tags": payload.get("tags", []), "org": payload.get("org"),
-                           "createdAt": now_iso(), "updatedAt": now_iso(), "creator": self.state.user["email"],
-                           "url": f"{self.state.base_url}/features/sets/{feature_set_id}"}
-            self.state.feature_sets[feature_set_id] = feature_set
+            feature_set = self.state.add_feature_set(payload.get("project"), payload["name"], payload["size"],
+                                                     payload.get("modelId"))
+            feature_set.update({key: payload[key] for key in ("type", "entityType", "tags", "org") if key in payload})
             return Reply([feature_set])  # the gate answers a list
-
-    @route("POST", "/features/vectors/query")
-    def query_feature_vectors(self, request: Request) -> Reply:
-        """Feature vectors by DQL, paged (dtlpy's `feature_set.features.list(filters)`)."""
-        query = request.json() or {}
-        with self.state.lock:
-            return Reply(copy.deepcopy(dql.run(self.state.features.values(), query)))
 
     @route("POST", "/features/vectors")
     def create_feature_vectors(self, request: Request) -> Reply:
@@ -378,14 +403,9 @@ class FakeGate:
                 for old in [f["id"] for f in self.state.features.values()
                             if f["featureSetId"] == entry["featureSetId"] and f["entityId"] == entry["entityId"]]:
                     del self.state.features[old]
-                feature_id = self.state.new_id()
-                feature = {"id": feature_id, "entityId": entry["entityId"], "value": entry["value"],
-                           "featureSetId": entry["featureSetId"], "project": entry.get("project"),
-                           "datasetId": entry.get("datasetId"), "createdAt": now_iso(),
-                           "creator": self.state.user["email"], "version": entry.get("version"),
-                           "parentId": entry.get("parentId"), "org": entry.get("org"),
-                           "url": f"{self.state.base_url}/features/vectors/{feature_id}"}
-                self.state.features[feature_id] = feature
+                feature = self.state.add_feature(entry["featureSetId"], entry["entityId"], entry["value"])
+                feature.update({key: entry[key] for key in ("project", "datasetId", "version", "parentId", "org")
+                                if key in entry})
                 created.append(feature)
         return Reply(created)
 
@@ -426,6 +446,28 @@ class FakeGate:
     def model_predict(self, request: Request) -> Reply:
         return self._model_execution(request, "predict")
 
+    @route("POST", f"/ml/models/{ID}/embed/datasets")
+    def model_embed_datasets(self, request: Request) -> Reply:
+        """`model.embed_datasets(dataset_ids)` (dtlpy Models.embed_datasets): {datasetIds, config: {serviceId},
+        attachTrigger}; answered with a command, which dtlpy waits for. The fake runs one execution of the
+        model service's `embed_dataset` per dataset (no filter: the whole dataset) before answering.
+        attachTrigger (embed new items as they arrive) is not simulated: refused."""
+        model_id, payload = request.match[1], request.json() or {}
+        if payload.get("attachTrigger"):
+            raise dql.UnsupportedQuery("embed_datasets with attachTrigger (a trigger on new items)")
+        executions = [self._start_execution(model_id, payload, "embed_dataset",
+                                            {"dataset": {"dataset_id": dataset_id}, "filters": None})
+                      for dataset_id in payload["datasetIds"]]
+        for execution in executions:
+            self._run_execution(execution)
+        with self.state.lock:
+            failed = [e["id"] for e in executions if e["latestStatus"]["status"] != "success"]
+            command = self._command(self.state.new_id(), "EmbedDatasets",
+                                    {"executionIds": [e["id"] for e in executions]})
+            if failed:
+                command.update(status="failed", error=f"executions failed: {failed}")
+            return Reply(command)
+
     def _model_execution(self, request: Request, operation: str) -> Reply:
         """`/ml/models/<id>/embed|predict`: an execution of the model's service; with a dataset, of its
         `<operation>_dataset` function on {dataset, filters}, else of `<operation>_items` on the items.
@@ -442,13 +484,17 @@ class FakeGate:
         else:
             function_name = f"{operation}_items"
             execution_input = {"items": [{"item_id": i} for i in inputs.get("itemIds", [])]}
-        with self.state.lock:
-            model = self.state.models[model_id]
-            execution = self._new_execution(model["projectId"], payload.get("config", {}).get("serviceId"),
-                                            function_name, execution_input, model_id, "clip-service")
+        execution = self._start_execution(model_id, payload, function_name, execution_input)
         self._run_execution(execution)
         with self.state.lock:
             return Reply(copy.deepcopy(execution))
+
+    def _start_execution(self, model_id: str, payload: dict, function_name: str, execution_input: dict) -> dict:
+        """A new execution of the model's service (created, not yet run)."""
+        with self.state.lock:
+            model = self.state.models[model_id]
+            return self._new_execution(model["projectId"], payload.get("config", {}).get("serviceId"),
+                                       function_name, execution_input, model_id, "clip-service")
 
     def _new_execution(self, project_id: str, service_id: Optional[str], function_name: str, inputs: dict,
                        model_id: Optional[str], service_name: str) -> dict:
@@ -505,7 +551,13 @@ class FakeGate:
         with self.state.lock:
             return Reply(copy.deepcopy(execution))
 
-    # ---- executions --------------------------------------------------------------------------
+    # ---- executions, commands ----------------------------------------------------------------
+    @route("GET", f"/commands/{ID}")
+    def get_command(self, request: Request) -> Reply:
+        """A command (exports, embed_datasets): the fake's are finished when they are answered."""
+        with self.state.lock:
+            return Reply(self.state.commands[request.match[1]])
+
     @route("GET", f"/executions/{ID}")
     def get_execution(self, request: Request) -> Reply:
         with self.state.lock:
@@ -514,6 +566,7 @@ class FakeGate:
     @route("POST", "/query/faas")
     def query_faas(self, request: Request) -> Reply:
         query = request.json() or {}
+        dql.check_query_keys(query)
         if query.get("resource") != "executions":
             raise dql.UnsupportedQuery(f"FaaS query of resource {query.get('resource')!r}")
         with self.state.lock:

@@ -95,7 +95,8 @@ class PlatformState:
                 system["description"] = description
             user_metadata = copy.deepcopy(metadata or {})
             system.update(user_metadata.pop("system", {}))
-            item = {"id": item_id, "datasetId": dataset_id, "createdAt": now_iso(), "creator": self.user["email"],
+            item = {"id": item_id, "datasetId": dataset_id, "projectId": self.datasets[dataset_id]["projects"][0],
+                    "createdAt": now_iso(), "creator": self.user["email"],
                     "dir": directory or "/", "filename": filename, "name": name, "type": "file",
                     "hidden": hidden, "metadata": {"system": system, **user_metadata},
                     "annotated": False, "annotationsCount": 0, "description": description,
@@ -191,6 +192,29 @@ class PlatformState:
             model["status"] = "deployed"
             return service
 
+    def add_feature_set(self, project_id: str, name: str, size: int, model_id: Optional[str] = None) -> dict:
+        """A feature set as `/features/sets` creates one (what an earlier embedding left, for instance)."""
+        with self.lock:
+            feature_set_id = self.new_id()
+            feature_set = {"id": feature_set_id, "name": name, "size": size, "type": name, "entityType": "item",
+                           "project": project_id, "modelId": model_id, "tags": [], "org": None,
+                           "createdAt": now_iso(), "updatedAt": now_iso(), "creator": self.user["email"],
+                           "url": f"{self.base_url}/features/sets/{feature_set_id}"}
+            self.feature_sets[feature_set_id] = feature_set
+            return feature_set
+
+    def add_feature(self, feature_set_id: str, item_id: str, value: list[float]) -> dict:
+        """A feature vector of an item, as `/features/vectors` stores one."""
+        with self.lock:
+            feature_set, item = self.feature_sets[feature_set_id], self.items[item_id]
+            feature_id = self.new_id()
+            feature = {"id": feature_id, "entityId": item_id, "value": list(value), "featureSetId": feature_set_id,
+                       "project": feature_set["project"], "datasetId": item["datasetId"], "createdAt": now_iso(),
+                       "creator": self.user["email"], "version": None, "parentId": None, "org": None,
+                       "url": f"{self.base_url}/features/vectors/{feature_id}"}
+            self.features[feature_id] = feature
+            return feature
+
     @staticmethod
     def subset_filter(subset: str) -> dict:
         """The item query of an ML subset, as the platform writes it in `model.metadata.system.subsets`."""
@@ -245,20 +269,48 @@ class PlatformState:
         self.items[item_id]["annotated"] = count > 0
 
     def query_items(self, dataset_id: str, query: dict) -> list[dict]:
+        dql.check_query_keys(query, also=("delete", "update"))  # the route refuses those two itself
         items = [i for i in self.items.values() if i["datasetId"] == dataset_id]
-        selected = [i for i in items if dql.matches(i, query.get("filter"))]
-        join = query.get("join") or {}
-        if vectors.is_vector_join(join):  # vector search: tests/fake_dataloop/vectors.py
-            return vectors.join_items(selected, join, self.features.values(), query.get("sort"))
-        if join.get("filter"):
-            annotations = list(self.annotations.values())
-            selected = [i for i in selected
-                        if any(a["itemId"] == i["id"] and dql.matches(a, join["filter"]) for a in annotations)]
+        selected = dql.select(items, query.get("filter"))
+        if query.get("join"):
+            return self.join_items(selected, query["join"], query.get("sort"))
         return dql.sort_documents(selected, query.get("sort"))
 
+    # ---- joins: items that have a document of another resource matching the join's filter ------
+    # One function per `join.on.resource`, each checking the `on` it is documented with (dtlpy's
+    # Filters.add_join writes the annotations one; clip-smart-search's panel the feature_vectors one).
+    # A join on anything else is refused, never ignored.
+    def join_items(self, items: list[dict], join: dict, sort: Optional[dict]) -> list[dict]:
+        """`items` joined as `join.on.resource` says, in the query's order (a join may order them itself:
+        vector search orders by distance)."""
+        on = join.get("on") or {}
+        resource = on.get("resource")
+        joiner = ITEM_JOINS.get(resource)
+        if joiner is None:
+            raise dql.UnsupportedQuery(f"a join on resource {resource!r} (the fake joins items with "
+                                       f"{sorted(ITEM_JOINS)})")
+        expected_on = JOIN_KEYS[resource]
+        if (on.get("local"), on.get("forigen")) != expected_on:
+            raise dql.UnsupportedQuery(f"a join on {resource} with local/forigen {on.get('local')!r}/"
+                                       f"{on.get('forigen')!r}: the documented one is {expected_on}")
+        return joiner(self, items, join, sort)
+
+    def join_annotations(self, items: list[dict], join: dict, sort: Optional[dict]) -> list[dict]:
+        """Items with at least one annotation matching the join filter."""
+        joined = {a["itemId"] for a in dql.select(self.annotations.values(), join.get("filter") or {})}
+        return dql.sort_documents([i for i in items if i["id"] in joined], sort)
+
+    def join_feature_vectors(self, items: list[dict], join: dict, sort: Optional[dict]) -> list[dict]:
+        """Items with a feature vector matching the join filter (`featureSetId`, `datasetId`, ...), and
+        vector search (`value: {$euclid: ...}`, ordered by distance): tests/fake_dataloop/vectors.py."""
+        return vectors.join_items(items, join, self.features.values(), sort)
+
     def query_annotations(self, dataset_id: str, query: dict) -> list[dict]:
+        dql.check_query_keys(query, also=("delete",))
+        if query.get("join"):
+            raise dql.UnsupportedQuery("a join in an annotations query")
         annotations = [a for a in self.annotations.values() if a["datasetId"] == dataset_id]
-        return dql.sort_documents([a for a in annotations if dql.matches(a, query.get("filter"))],
+        return dql.sort_documents(dql.select(annotations, query.get("filter")),
                                   query.get("sort") or {"createdAt": "ascending"})
 
     def delete_annotations(self, annotation_ids: list[str]) -> None:
@@ -269,8 +321,14 @@ class PlatformState:
     def export_document(self, item: dict, annotation_query: Optional[dict]) -> dict:
         """One exported item: the item JSON with its annotations (filtered by annotationsQuery)."""
         document = copy.deepcopy(item)
-        annotations = [a for a in self.annotations.values() if a["itemId"] == item["id"]
-                       and (annotation_query is None or dql.matches(a, annotation_query.get("filter")))]
+        annotations = [a for a in self.annotations.values() if a["itemId"] == item["id"]]
+        if annotation_query is not None:
+            annotations = dql.select(annotations, annotation_query.get("filter"))
         document["annotations"] = [copy.deepcopy(a) for a in sorted(annotations, key=lambda a: a["id"])]
         document["annotationsCount"] = len(document["annotations"])
         return document
+
+
+# join.on.resource -> how items are joined with it, and the (local, forigen) keys it is written with.
+ITEM_JOINS = {"annotations": PlatformState.join_annotations, "feature_vectors": PlatformState.join_feature_vectors}
+JOIN_KEYS = {"annotations": ("itemId", "id"), "feature_vectors": ("entityId", "id")}

@@ -35,7 +35,7 @@ def join_items(items: list[dict], join: dict, features: Iterable[dict], sort: Op
         raise dql.UnsupportedQuery(f"feature_vectors join on {join.get('on')!r} (the documented one: {JOIN_ON})")
     condition = dict(join.get("filter") or {})
     euclid = _euclid_of(condition.pop("value", None))
-    vectors = [f for f in features if dql.matches(f, condition)]
+    vectors = dql.select(features, condition)
     by_item: dict[str, list[dict]] = {}
     for feature in vectors:
         by_item.setdefault(feature["entityId"], []).append(feature)
