@@ -609,6 +609,27 @@ class ClipAdapter(dl.BaseModelAdapter):
         model.metrics.create(samples=samples, dataset_id=dataset.id)
         return model
 
+    def prepare_data(self, dataset: dl.Dataset, root_path=None, data_path=None, output_path=None, overwrite=False,
+                     **kwargs):
+        """dtlpy's prepare_data, downloading every item of each subset with all its annotations, whatever
+        the model's output type.
+
+        A caption is an item's description or a prompt item's free-text annotation; which annotations
+        are captions is decided when the data is read (never the model's own). dtlpy's prepare_data
+        instead joins each subset with annotations *of the output type*: Dataloop's CLIP tutorial sets
+        `output_type = "text"` on images whose captions are descriptions, so none would be downloaded
+        ("No items downloaded for subset train"). The earlier CLIP adapter exported whole subsets too.
+        So the download runs as for an embedding model (no annotation join), the entity's output type
+        restored after it (nothing is written to the platform)."""
+        entity = self.model_entity
+        output_type = entity.output_type
+        entity.output_type = "embedding"
+        try:
+            return super().prepare_data(dataset, root_path=root_path, data_path=data_path, output_path=output_path,
+                                        overwrite=overwrite, **kwargs)
+        finally:
+            entity.output_type = output_type
+
     @user_errors
     def convert_from_dtlpy(self, data_path: str, **kwargs) -> None:
         """Called at the end of dtlpy's `prepare_data`: fetch the images that prompt items point to.

@@ -139,6 +139,11 @@ class FakeGate:
             self.state.unimplemented.append(entry)
         return error(400, f"not implemented by the fake platform: {entry}")
 
+    def _document(self, collection: str, request: Request) -> Reply:
+        """The document of `state.<collection>` with the id in the path (a KeyError answers 404)."""
+        with self.state.lock:
+            return Reply(getattr(self.state, collection)[request.match[1]])
+
     # ---- users, projects --------------------------------------------------------------------
     @route("GET", "/users/me")
     def get_me(self, request: Request) -> Reply:
@@ -151,7 +156,7 @@ class FakeGate:
 
     @route("GET", f"/projects/{ID}")
     def get_project(self, request: Request) -> Reply:
-        return Reply(self.state.projects[request.match[1]])
+        return self._document("projects", request)
 
     @route("GET", "/projects/([^/]+)/name")
     def get_projects_by_name(self, request: Request) -> Reply:
@@ -162,7 +167,7 @@ class FakeGate:
 
     @route("GET", f"/packages/{ID}")
     def get_package(self, request: Request) -> Reply:
-        return Reply(self.state.packages[request.match[1]])
+        return self._document("packages", request)
 
     @route("GET", f"/drivers/{ID}")
     def get_driver(self, request: Request) -> Reply:
@@ -174,8 +179,17 @@ class FakeGate:
     # ---- datasets ----------------------------------------------------------------------------
     @route("GET", f"/datasets/{ID}")
     def get_dataset(self, request: Request) -> Reply:
-        with self.state.lock:
-            return Reply(self.state.datasets[request.match[1]])
+        return self._document("datasets", request)
+
+    @route("GET", f"/recipes/{ID}")
+    def get_recipe(self, request: Request) -> Reply:
+        """A dataset's recipe (dtlpy Recipes.get, for `dataset.labels`; `model.clone(dataset=...)` reads them)."""
+        return self._document("recipes", request)
+
+    @route("GET", f"/ontologies/{ID}")
+    def get_ontology(self, request: Request) -> Reply:
+        """A recipe's ontology: its labels as `roots` (dtlpy Ontologies.get, Ontology.from_json)."""
+        return self._document("ontologies", request)
 
     @route("POST", "/datasets/query")
     def query_datasets(self, request: Request) -> Reply:
@@ -363,8 +377,7 @@ class FakeGate:
     @route("GET", f"/features/sets/{ID}")
     def get_feature_set(self, request: Request) -> Reply:
         """dtlpy's `feature_sets.get(feature_set_id=...)`."""
-        with self.state.lock:
-            return Reply(self.state.feature_sets[request.match[1]])
+        return self._document("feature_sets", request)
 
     @route("POST", "/features/vectors/query")
     def query_feature_vectors(self, request: Request) -> Reply:
@@ -412,8 +425,7 @@ class FakeGate:
     # ---- models, metrics ---------------------------------------------------------------------
     @route("GET", f"/ml/models/{ID}")
     def get_model(self, request: Request) -> Reply:
-        with self.state.lock:
-            return Reply(self.state.models[request.match[1]])
+        return self._document("models", request)
 
     @route("PATCH", f"/ml/models/{ID}")
     def update_model(self, request: Request) -> Reply:
@@ -551,17 +563,112 @@ class FakeGate:
         with self.state.lock:
             return Reply(copy.deepcopy(execution))
 
+    # ---- the app registry, installed apps, model management ---------------------------------
+    @route("POST", "/app-registry/query")
+    def query_dpks(self, request: Request) -> Reply:
+        """`dl.dpks.get(dpk_name=...)` (dtlpy Dpks.__get_by_name -> list): published apps by DQL."""
+        query = request.json() or {}
+        dql.check_query_keys(query)
+        with self.state.lock:
+            return Reply(copy.deepcopy(dql.run(self.state.dpks.values(), query)))
+
+    @route("POST", "/apps")
+    def install_app(self, request: Request) -> Reply:
+        """`project.apps.install(dpk=..., custom_installation=...)`: an installed app, and in its project a
+        model per `components.models` entry of the installation (the tutorial passes `dpk.to_json()`), made
+        as the manifest says (name, configuration, input/output type, status). Answered installed (no
+        install command to wait for). Not simulated: the app's own services, panels, triggers; the
+        models refer to a package of the app's modules rather than to the app (`model.app`)."""
+        payload = request.json() or {}
+        with self.state.lock:
+            dpk = next(d for d in self.state.dpks.values()
+                       if d["name"] == payload["dpkName"] and d["version"] == payload["dpkVersion"])
+            installation = payload.get("customInstallation") or dpk
+            project_id = payload["projectId"]
+            if any(a["name"] == payload["name"] and a["projectId"] == project_id for a in self.state.apps.values()):
+                return error(400, f"app {payload['name']!r} is already installed in the project")
+            package = self.state.add_package(project_id, name=dpk["name"])
+            package["modules"] = copy.deepcopy(installation["components"].get("modules", []))
+            for spec in installation["components"].get("models", []):
+                model = self.state.add_model(project_id, spec["name"], spec.get("configuration", {}),
+                                             labels=spec.get("labels"), input_type=spec.get("inputType", "image"),
+                                             output_type=spec.get("outputType", "embedding"),
+                                             status=spec.get("status", "created"), package_id=package["id"],
+                                             metadata=spec.get("metadata"))
+                model["moduleName"] = spec.get("moduleName", model["moduleName"])
+            app_id = self.state.new_id()
+            app = {"id": app_id, "name": payload["name"], "projectId": project_id, "dpkName": dpk["name"],
+                   "dpkVersion": dpk["version"], "dpkId": dpk["id"], "status": "installed", "scope": "project",
+                   "customInstallation": installation, "metadata": {}, "creator": self.state.user["email"],
+                   "createdAt": now_iso(), "updatedAt": now_iso(), "url": f"{self.state.base_url}/apps/{app_id}"}
+            self.state.apps[app_id] = app
+            return Reply(copy.deepcopy(app))
+
+    @route("POST", "/ml/models/query")
+    def query_models(self, request: Request) -> Reply:
+        """`project.models.get(model_name=...)`, `models.list`: models by DQL (dtlpy adds `projectId`)."""
+        query = request.json() or {}
+        dql.check_query_keys(query)
+        with self.state.lock:
+            return Reply(copy.deepcopy(dql.run(self.state.models.values(), query)))
+
+    @route("POST", f"/ml/models/{ID}/clone")
+    def clone_model(self, request: Request) -> Reply:
+        """`model.clone(model_name, dataset)` (dtlpy Models.clone): a new model from the given fields
+        (configuration, types, project, dataset, labels, subsets); answered ready ('created'), so dtlpy's
+        wait_for_model_ready returns at once. Cloning a model that has artifacts is not simulated: refused."""
+        source_id, payload = request.match[1], request.json() or {}
+        with self.state.lock:
+            source = self.state.models[source_id]
+            if source["artifacts"]:
+                raise dql.UnsupportedQuery("cloning a model that has artifacts (the platform copies them)")
+            if any(m["name"] == payload["name"] and m["projectId"] == payload["projectId"]
+                   for m in self.state.models.values()):
+                return error(400, f"model {payload['name']!r} already exists in the project")
+            metadata = copy.deepcopy(payload.get("metadata") or {})
+            model = self.state.add_model(payload["projectId"], payload["name"], payload.get("configuration", {}),
+                                         dataset_id=payload.get("datasetId"), labels=payload.get("labels"),
+                                         input_type=payload.get("inputType", source["inputType"]),
+                                         output_type=payload.get("outputType", source["outputType"]),
+                                         subsets=metadata.get("system", {}).get("subsets"),
+                                         status=payload.get("status", "created"), package_id=source["packageId"],
+                                         metadata=metadata)
+            model["moduleName"] = source["moduleName"]
+            return Reply(copy.deepcopy(model))
+
+    @route("POST", f"/ml/models/{ID}/train")
+    def model_train(self, request: Request) -> Reply:
+        """`model.train()`: an execution of the model service's `train_model` on the model, run before
+        answering (the agent's side: a fresh adapter's train_model, see contract tests' runner)."""
+        model_id, payload = request.match[1], request.json() or {}
+        execution = self._start_execution(model_id, payload, "train_model", {"model": {"model_id": model_id}})
+        self._run_execution(execution)
+        with self.state.lock:
+            return Reply(copy.deepcopy(execution))
+
+    @route("POST", f"/ml/models/{ID}/deploy")
+    def model_deploy(self, request: Request) -> Reply:
+        """`model.deploy()`: a model service (`PlatformState.add_service`); the model lists it
+        (`metadata.system.deploy.services`, which `models.embed/predict/embed_datasets` read) and is
+        'deployed' at once. Not simulated: replicas, autoscaling, the service's own start
+        (load_from_model runs per execution in the runner), `serviceConfig`."""
+        model_id = request.match[1]
+        with self.state.lock:
+            model = self.state.models[model_id]
+            if model["status"] != "deployed":
+                model["statusLogs"].append({"status": "deployed", "createdAt": now_iso()})
+            service = self.state.add_service(model_id, module_name=model["moduleName"])
+            return Reply(copy.deepcopy(service))
+
     # ---- executions, commands ----------------------------------------------------------------
     @route("GET", f"/commands/{ID}")
     def get_command(self, request: Request) -> Reply:
         """A command (exports, embed_datasets): the fake's are finished when they are answered."""
-        with self.state.lock:
-            return Reply(self.state.commands[request.match[1]])
+        return self._document("commands", request)
 
     @route("GET", f"/executions/{ID}")
     def get_execution(self, request: Request) -> Reply:
-        with self.state.lock:
-            return Reply(self.state.executions[request.match[1]])
+        return self._document("executions", request)
 
     @route("POST", "/query/faas")
     def query_faas(self, request: Request) -> Reply:

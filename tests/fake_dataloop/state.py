@@ -43,7 +43,11 @@ class PlatformState:
         self.executions: dict[str, dict] = {}
         self.commands: dict[str, dict] = {}
         self.packages: dict[str, dict] = {}
-        self.services: dict[str, dict] = {}
+        self.services: dict[str, dict] = {}    # deployed model services
+        self.dpks: dict[str, dict] = {}        # published apps (app registry)
+        self.apps: dict[str, dict] = {}        # installed apps
+        self.recipes: dict[str, dict] = {}
+        self.ontologies: dict[str, dict] = {}
         self.requests: list[str] = []          # "METHOD /path" of every request, in order
         self.unimplemented: list[str] = []     # requests the fake has no route for
         # What a deployed model service does with an execution (see FakeDataloop.on_execution).
@@ -64,18 +68,31 @@ class PlatformState:
             self.add_dataset(project_id, "Binaries", system=True)  # where artifacts live
             return project
 
-    def add_dataset(self, project_id: str, name: str, system: bool = False) -> dict:
+    def add_dataset(self, project_id: str, name: str, system: bool = False, labels: tuple = ()) -> dict:
+        """A dataset with its default recipe and ontology (holding `labels`), as the platform creates one."""
         with self.lock:
+            recipe = self._add_recipe(project_id, labels)
             dataset_id = self.new_id()
             dataset = {"id": dataset_id, "name": name, "projects": [project_id], "createdAt": now_iso(),
                        "creator": self.user["email"], "driver": "dataloop-driver", "itemsCount": 0,
                        "annotated": 0, "readableType": "dataset", "accessLevel": "owner", "export": {},
-                       "metadata": {"system": {"scope": "system"}} if system else {"system": {}},
+                       "metadata": {"system": {"recipes": [recipe["id"]], **({"scope": "system"} if system else {})}},
                        "url": f"{self.base_url}/datasets/{dataset_id}",
                        "items_url": f"{self.base_url}/datasets/{dataset_id}/items",
                        "expirationOptions": None, "indexDriver": "v2", "enableSyncWithCloned": False}
             self.datasets[dataset_id] = dataset
             return dataset
+
+    def _add_recipe(self, project_id: str, labels: tuple) -> dict:
+        ontology_id, recipe_id = self.new_id(), self.new_id()
+        self.ontologies[ontology_id] = {
+            "id": ontology_id, "creator": self.user["email"], "url": f"{self.base_url}/ontologies/{ontology_id}",
+            "roots": [{"tag": label, "displayLabel": label, "color": "#1f77b4", "attributes": [], "children": []}
+                      for label in labels], "metadata": {"system": {"projectIds": [project_id]}}}
+        self.recipes[recipe_id] = {"id": recipe_id, "title": "default recipe", "projectIds": [project_id],
+                                   "ontologyIds": [ontology_id], "creator": self.user["email"],
+                                   "url": f"{self.base_url}/recipes/{recipe_id}", "metadata": {"system": {}}}
+        return self.recipes[recipe_id]
 
     def add_item(self, dataset_id: str, filename: str, data: bytes, mimetype: Optional[str] = None,
                  metadata: Optional[dict] = None, description: Optional[str] = None,
@@ -152,6 +169,15 @@ class PlatformState:
                        "requirements": [], "metadata": {}, "url": f"{self.base_url}/packages/{package_id}"}
             self.packages[package_id] = package
             return package
+
+    def add_dpk(self, manifest: dict) -> dict:
+        """A published app (what `dlp app publish` leaves in the app registry): its manifest, with an id."""
+        with self.lock:
+            dpk_id = self.new_id()
+            dpk = {**copy.deepcopy(manifest), "id": dpk_id, "creator": self.user["email"], "createdAt": now_iso(),
+                   "updatedAt": now_iso(), "url": f"{self.base_url}/app-registry/{dpk_id}"}
+            self.dpks[dpk_id] = dpk
+            return dpk
 
     def add_model(self, project_id: str, name: str, configuration: dict, dataset_id: Optional[str] = None,
                   labels: Optional[list] = None, input_type: str = "image", output_type: str = "embedding",
