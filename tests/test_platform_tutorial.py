@@ -5,8 +5,8 @@ the fake platform, with this repository's dataloop.json published as the app: it
 
 Each step is the tutorial's own dtlpy call, run unmodified; the fake runs the executions those calls
 start (train_model, embed_dataset) with the real ClipAdapter, as the model's service would. Only two
-things differ from the notebook: the architecture is `tiny` (no weights can be downloaded here) and
-2 epochs instead of 10 (test time); the dataset stands for "Mars Surface Images with Captions": images
+things differ from the notebook: the architecture is `tiny` (no weights can be downloaded here), and
+2 epochs instead of 10 and the torch engine (test time); the dataset stands for "Mars Surface Images with Captions": images
 whose description is the caption, split into ML subsets.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def test_dataloops_clip_tutorial_installs_trains_deploys_and_embeds(platform, ca
         "early_stopping": True,         # the earlier adapter's key, as the tutorial writes it
         "early_stopping_epochs": 3,
         "weight_decay": 0.01,
-    }
+        "engine": "torch",              # not the tutorial's: `auto` would export and time ONNX per trained
+    }                                   # model (test time; test_platform_contract covers auto)
     base_model.output_type = "text"
     base_model.update(system_metadata=True)
 
