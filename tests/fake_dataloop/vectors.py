@@ -24,10 +24,6 @@ DISTANCE_OPERATORS = ("$eq", "$ne", "$lt", "$lte", "$gt", "$gte")
 EUCLID_KEYS = {"input", "$euclidSort", "$euclidFilter"}
 
 
-def is_vector_join(join: Optional[dict]) -> bool:
-    return bool(join) and (join.get("on") or {}).get("resource") == JOIN_ON["resource"]
-
-
 def join_items(items: list[dict], join: dict, features: Iterable[dict], sort: Optional[dict]) -> list[dict]:
     """`items` (already filtered by the query's `filter`) that have a matching vector, in the order the
     query asks: by distance when `$euclidSort` says so, else by `sort`."""
