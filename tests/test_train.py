@@ -19,6 +19,7 @@ from PIL import Image
 from adapters.clip.config import ClipConfig
 from adapters.clip.manifests import load_pairs, write_manifest
 from adapters.clip.pairs import CaptionPair
+from adapters.clip.runs import RESUME_ARCHIVE, archive_is_resumable, pack_resume_state
 from adapters.clip.errors import ConfigError, DataError
 from adapters.clip.models import CHECKPOINT_WEIGHTS, load_model, read_checkpoint_info, read_state_dict
 from adapters.clip.train import (BatchLoader, ContrastiveTask, EarlyStopping, UniqueBatchSampler, WarmupCosine,
@@ -567,7 +568,7 @@ def test_adapter_interrupted_train_saves_its_resume_state_and_the_next_train_con
         first.train(str(manifest), str(tmp_path / "first"), on_epoch_end_callback=evicted)
     first.save(str(tmp_path / "first"))
     assert not (tmp_path / "first" / "model.safetensors").exists()  # the model keeps its starting weights
-    assert json.loads((tmp_path / "first" / "training" / "resume.json").read_text()) == {"resumable": True}
+    assert archive_is_resumable(tmp_path / "first" / RESUME_ARCHIVE)  # at the top: a listing finds it
 
     second = adapter_on(tmp_path / "first")  # what load_from_model downloads next time
     assert second.clip.fingerprint == start
@@ -576,7 +577,8 @@ def test_adapter_interrupted_train_saves_its_resume_state_and_the_next_train_con
     assert epochs == [2]  # only the epoch the first run did not finish
     assert second.clip.fingerprint == whole.clip.fingerprint
     second.save(str(tmp_path / "second"))
-    assert json.loads((tmp_path / "second" / "training" / "resume.json").read_text()) == {"resumable": False}
+    assert not archive_is_resumable(tmp_path / "second" / RESUME_ARCHIVE)
+    assert not (tmp_path / "second" / "training").exists()  # laid out flat: nothing in a subfolder
     with pytest.raises(ClipAdapterFailure, match="no such manifest"):  # library errors become one line
         second.train(str(tmp_path / "nowhere.jsonl"), str(tmp_path / "output2"))
 
@@ -585,8 +587,8 @@ def test_adapter_starts_over_when_the_interrupted_run_had_other_data(pairs, tmp_
     from adapters.clip_adapter import ClipAdapter
     from dataloop_fakes import platform_model
 
-    run(pairs, tmp_path / "artifacts" / "training", num_epochs=1)  # a resume state for other settings
-    (tmp_path / "artifacts" / "training" / "resume.json").write_text('{"resumable": true}')
+    run(pairs, tmp_path / "earlier-run", num_epochs=1)  # a resume state for other settings
+    pack_resume_state(tmp_path / "earlier-run", tmp_path / "artifacts" / RESUME_ARCHIVE, resumable=True)
     write_manifest(pairs[:-2], tmp_path / "fewer.jsonl")
     adapter = ClipAdapter()
     adapter.model_entity = platform_model(platform, {"model_name": "tiny", "device": "cpu", "batch_size": 8,
