@@ -313,7 +313,7 @@ class ClipAdapter(dl.BaseModelAdapter):
 
     # ---- text search of a dataset ----------------------------------------------------------
     @user_errors
-    def search_dataset(self, dataset: dl.Dataset, text: str, k: Optional[int] = None,
+    def search_dataset(self, dataset: dl.Dataset, text: Optional[str] = None, k: Optional[int] = None,
                        filters: Optional[dict] = None) -> tuple[list, dict]:
         """The k items of `dataset` nearest to `text` by this model's own text tower (a fine-tuned
         checkpoint's, on the model's engine), best first, among those `filters` (an items DQL query)

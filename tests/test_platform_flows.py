@@ -325,6 +325,8 @@ def test_a_model_fine_tuned_by_train_model_beats_its_start_in_evaluate_model(pla
                    for caption, _ in validation_pairs]
         recall[name] = np.mean([o["results"][0]["id"] == image for o, (_, image) in zip(outputs, validation_pairs)])
         first[name] = outputs[0]
+    print(f"search_dataset text->image Recall@1 on the validation shapes: start {recall['start']:.1%}, "
+          f"fine-tuned {recall['tuned']:.1%} (evaluate_model: {start_r1:.1%} -> {tuned_r1:.1%})")
     assert recall["tuned"] > recall["start"], recall
     assert recall["tuned"] == pytest.approx(tuned_r1, abs=0.05)  # the platform's search agrees with evaluate_model
     query = {n: np.asarray(first[n]["query"]["join"]["filter"]["value"]["$euclid"]["input"]) for n in first}

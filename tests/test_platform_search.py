@@ -154,7 +154,8 @@ def one_line_failure(call) -> str:
 BAD_INPUTS = [
     ({"text": ""}, "the query text is empty"),
     ({"text": "   \n"}, "the query text is empty"),
-    ({"text": None}, "must be a string"),
+    ({"text": None}, "no query text"),
+    ({"text": 42}, "must be a string"),
     ({"text": "dog + "}, "ends with an operator"),
     ({"k": 0}, "k must be from 1 to 1000"),
     ({"k": MAX_K + 1}, "k must be from 1 to 1000"),

@@ -18,7 +18,7 @@ def test_the_query_vector_is_the_local_searchs(embedder):
         assert not query.exceeds_context
 
 
-@pytest.mark.parametrize("text, message", [("", "empty"), ("  \t", "empty"), (None, "must be a string"),
+@pytest.mark.parametrize("text, message", [("", "empty"), ("  \t", "empty"), (None, "no query text"),
                                            (3, "must be a string"), ("dog + ", "ends with an operator"),
                                            ("dog + + cat", "two operators")])
 def test_bad_query_texts(embedder, text, message):

@@ -44,6 +44,8 @@ def embed_text_query(text: object, embedder: "Embedder") -> TextQuery:
     Every term is text (`search --text`): a platform service has no local image files to read, and
     "beach.jpg" typed in a search box means those words.
     """
+    if text is None:
+        raise InputError("no query text: give the words to search for (input 'text')")
     if not isinstance(text, str):
         raise InputError(f"the query text must be a string, got {type(text).__name__}")
     if not text.strip():
