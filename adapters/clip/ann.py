@@ -217,13 +217,16 @@ class AnnIndex:
                     old.unlink()
 
     @classmethod
-    def load(cls, data_dir: Path, *, writable: bool = False) -> Optional["AnnIndex"]:
-        """The index `ann.json` names, or None when there is none or it fails `ann_problem`."""
+    def load(cls, data_dir: Path, *, writable: bool = False, checked: bool = False) -> Optional["AnnIndex"]:
+        """The index `ann.json` names, or None when there is none or it fails `ann_problem`
+        (`checked`: the caller has just asked `ann_problem` itself)."""
         import faiss
 
         state = ann_state(data_dir)
         path = data_dir / str(state.get("file", ""))
-        if state.get("kind") not in (ANN_KIND, *LEGACY_KINDS) or ann_problem(data_dir, state) is not None:
+        if state.get("kind") not in (ANN_KIND, *LEGACY_KINDS):
+            return None
+        if not checked and ann_problem(data_dir, state) is not None:
             return None
         try:
             # memory-mapped: a cold search reads the lists it probes, not the whole index
@@ -292,12 +295,13 @@ def refresh_ann(store: Store, *, build: bool = False, threshold: int = ANN_THRES
     if snapshot.n_live == 0 or (snapshot.n_live < threshold and not build and not state):
         return None
     problem = ann_problem(store.data_dir, state)
-    stale = (build or problem is not None or state.get("kind") != ANN_KIND or state.get("epoch") != snapshot.state.epoch
+    stale = (build or problem is not None or state.get("kind") != ANN_KIND
+             or state.get("epoch") != snapshot.state.epoch
              or snapshot.n_live > REBUILD_GROWTH * int(state.get("trained_on") or 0))
     if not stale:
         if int(state.get("rows", 0)) >= snapshot.rows:
             return f"ANN index up to date ({state.get('nlist')} lists, nprobe {state.get('nprobe')})"
-        ann = AnnIndex.load(store.data_dir, writable=True)
+        ann = AnnIndex.load(store.data_dir, writable=True, checked=True)  # ann_problem found nothing above
         if ann is not None:
             added = ann.extend(snapshot)
             ann.save(store.data_dir)

@@ -277,7 +277,7 @@ class Searcher:
                              f"rebuilds it, or {repair_hint(self.store.root)}")
                 return None
         if index is None:
-            index = AnnIndex.load(self.store.data_dir)
+            index = AnnIndex.load(self.store.data_dir, checked=bool(state))
             if index is not None:
                 self.store.keep_search_index(index.file, index)
         if index is not None and index.epoch != snapshot.state.epoch:
