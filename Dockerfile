@@ -34,10 +34,14 @@ ARG PREFETCH_MODELS="ViT-B/32"
 COPY adapters/ adapters/
 # Their ONNX exports too (engine `auto`, docs/benchmarks.md): a pod's first load then only times the
 # engines on its own CPU instead of exporting (158 s for ViT-B/32 on the loaded 2-core machine of docs/benchmarks.md).
+# The exports are read-only to the service user (a non-root one cannot damage them; every process checks
+# their hashes before use anyway, docs/robustness.md); auto's choice for a pod's CPU, which the build could
+# not measure, is then kept in memory per process, and new exports go to the user's cache.
 RUN ${DL_PYTHON_EXECUTABLE} -m adapters.clip download ${PREFETCH_MODELS} \
  && for model in ${PREFETCH_MODELS}; do \
       ${DL_PYTHON_EXECUTABLE} -m adapters.clip embed --text warmup --model "$model" --engine auto --out /tmp/warmup || exit 1; \
     done \
  && rm -f /tmp/warmup.npy /tmp/warmup.jsonl \
  && ${DL_PYTHON_EXECUTABLE} -m adapters.clip models \
- && chmod -R a+rwX /opt/clip-cache
+ && chmod -R a+rwX /opt/clip-cache/huggingface \
+ && chmod -R a+rX,go-w /opt/clip-cache/engines

@@ -67,7 +67,7 @@ from adapters.clip.feature_sets import MIXED_VECTORS_NOTE, SAMPLE_SIZE, VectorCh
 from adapters.clip.items import (IMAGE, PROMPT, TEXT, ItemInput, PromptImage, decode_payload,  # noqa: E402
                                  downloaded_bytes, item_kind)
 from adapters.clip.models import ClipModel, find_checkpoint, load_model, save_checkpoint  # noqa: E402
-from adapters.clip.onnx_export import attach_engine  # noqa: E402
+from adapters.clip.onnx_export import attach_engine, export_with_checkpoint  # noqa: E402
 from adapters.clip.prefetch import Prefetcher  # noqa: E402
 from adapters.clip.runs import (RESUME_ARCHIVE, adopt_run, archive_is_resumable, flatten_run,  # noqa: E402
                                 pack_resume_state, read_saved_run, unpack_resume_state)
@@ -177,8 +177,21 @@ class ClipAdapter(dl.BaseModelAdapter):
             return
         save_checkpoint(self.clip, local_path, config=self.settings.to_dict(),
                         metrics=kwargs.get("metrics"), replace_directory=False)
+        self._save_exports(Path(local_path))
         if run_dir.is_dir():  # a finished training: an earlier interrupted run's state is stale now
             flatten_run(run_dir, local_path, resumable=False)
+
+    def _save_exports(self, checkpoint: Path) -> None:
+        """The ONNX exports (and, on a CPU, `auto`'s choice) go into the artifacts with the weights,
+        so a fine-tuned model's first CPU load opens them instead of exporting. Never fails the save."""
+        if self.settings.engine == "torch":
+            return
+        try:
+            directory = export_with_checkpoint(self.clip, checkpoint, measure=self.settings.engine == "auto")
+            self.logger.info(f"engine exports saved with the checkpoint in {directory}")
+        except Exception as exc:  # noqa: BLE001 - an export is an optimisation; the weights are saved
+            self.logger.warning(f"engine exports not saved with the checkpoint ({type(exc).__name__}: {exc}); "
+                                f"its first load exports them")
 
     def _save_interrupted_run(self, run_dir: Path, local_path: str) -> None:
         """dtlpy's train_model uploads `output_path` when training fails too (preemption, timeout, an

@@ -100,7 +100,8 @@ def test_any_models_weights_bake_in_by_build_argument_into_a_cache_any_user_read
     steps = [step.strip() for step in bake.split("&&")]
     assert steps[0] == "${DL_PYTHON_EXECUTABLE} -m adapters.clip download ${PREFETCH_MODELS}"
     cache_root = "/" + cache.strip("/").split("/")[0] + "/" + cache.strip("/").split("/")[1]
-    assert steps[-1] == f"chmod -R a+rwX {cache_root}"  # after the download, so it covers the weights
+    # after the download, so it covers the weights; the exports are only readable (issue 16)
+    assert steps[-2:] == [f"chmod -R a+rwX {Path(cache)}", f"chmod -R a+rX,go-w {cache_root}/engines"]
 
 
 @pytest.mark.parametrize("name", ["ViT-L/14", "RN50", "ViT-B-32:laion2b_s34b_b79k"])
@@ -113,9 +114,9 @@ def test_baked_models_are_exported_for_the_cpu_engines_into_the_same_readable_ca
     env = " ".join(args_of("ENV"))
     engines = re.search(r"CLIP_ADAPTER_ENGINES=(\S+)", env).group(1)
     cache = re.search(r"HF_HOME=(\S+)", env).group(1)
-    assert Path(engines).parent == Path(cache).parent  # under the folder the final chmod opens to all
+    assert Path(engines).parent == Path(cache).parent
     bake = next(run for run in args_of("RUN") if "adapters.clip download" in run)
     steps = [step.strip() for step in bake.split("&&")]
     export = next(i for i, step in enumerate(steps) if "--engine auto" in step)
     assert 'for model in ${PREFETCH_MODELS}' in steps[export] and '--model "$model"' in steps[export]
-    assert export < len(steps) - 1 and steps[-1].startswith("chmod -R a+rwX")
+    assert export < len(steps) - 2 and steps[-1] == f"chmod -R a+rX,go-w {engines}"  # readable, not writable

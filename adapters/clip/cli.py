@@ -74,11 +74,18 @@ def add_engine_option(parser: argparse.ArgumentParser) -> None:
 FIRST_USE_SECONDS_PER_MPARAM = 0.6
 
 
-def load_for_inference(name: str, device: str, engine: str):
+def load_for_inference(name: str, device: str, engine: str, towers: Optional[Sequence[str]] = None):
     """`load_model` + `attach_engine`, saying what happens when this is the model's slow first use here.
 
+    With `towers` (embed, index: they need only the towers), the model comes from its exports alone
+    when they and `auto`'s choice are cached, without importing torch (exported_model.py).
     The first line comes before torch is imported (that alone takes seconds on a busy machine).
     """
+    if towers is not None:
+        from .exported_model import open_exported_model
+        exported = open_exported_model(name, engine, device, towers=towers)
+        if exported is not None:
+            return exported
     missing = _is_path_name(name) and not Path(name).expanduser().exists()  # load_model says what is wrong
     first_use = engine != "torch" and device in ("auto", "cpu") and not missing and not _prepared_here(name, engine)
     if first_use:
@@ -98,12 +105,12 @@ def load_for_inference(name: str, device: str, engine: str):
 
 def _prepared_here(name: str, engine: str) -> bool:
     """Whether an export of `name` (and, for auto, a timing on this CPU) is cached: read without torch."""
-    from .engines import AUTO, EXPORT_INFO, engine_root_for, read_choice, read_export_info
-    root = engine_root_for(name)
-    for info_file in root.glob(f"*/{EXPORT_INFO}") if root.is_dir() else ():
-        info = read_export_info(info_file.parent)
-        if info and info.get("model") == name and (engine != AUTO or read_choice(info_file.parent)):
-            return True
+    from .engines import AUTO, EXPORT_INFO, engine_roots, read_choice, read_export_info
+    for root in engine_roots(name):
+        for info_file in root.glob(f"*/{EXPORT_INFO}") if root.is_dir() else ():
+            info = read_export_info(info_file.parent)
+            if info and info.get("model") == name and (engine != AUTO or read_choice(info_file.parent)):
+                return True
     return False
 
 
@@ -201,7 +208,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not args.paths and not args.text:
         raise UsageError("nothing to embed: give image paths or folders, or --text")
     images = expand_paths(args.paths)
-    clip = load_for_inference(args.model, args.device, args.engine)
+    towers = (["image"] if images else []) + (["text"] if args.text else [])
+    clip = load_for_inference(args.model, args.device, args.engine, towers)
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     rows, parts = [], []
     with progress_bar(len(images) + len(args.text), "embedding") as bar:
@@ -330,8 +338,8 @@ def add_index(sub) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_MODEL
     from .indexing import IndexOptions, index, reindex
+    from .config import DEFAULT_MODEL
 
     root = _store_root(args)
     paths = args.paths
@@ -344,7 +352,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                            attributes=_manifest_attributes(args.manifest) if args.manifest else {},
                            batch_size=args.batch_size, ann=args.ann, allow_empty_root=args.allow_empty_root)
     with _store_model_moved(stored, root):
-        clip = load_for_inference(model, args.device, args.engine)
+        clip = load_for_inference(model, args.device, args.engine, ["image"])
     from .embed import Embedder
     embedder = Embedder(clip, batch_size=args.batch_size, num_workers=args.workers)
     summary = (reindex if args.reindex else index)(root, embedder, paths, options)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # torch loads with the model, not with this module: a cold te
     import torch
 
     from .engines import ExportedTextModel
+    from .exported_model import ExportedModel
     from .models import ClipModel
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,14 @@ class Embeddings:
 class Prepared:
     """One image decoded and preprocessed for the model, or why it could not be."""
 
-    tensor: Optional[torch.Tensor]  # (3, H, W)
+    tensor: Optional["torch.Tensor | np.ndarray"]  # (3, H, W); numpy for a model started without torch
     error: Optional[str]
 
 
 class Embedder:
     """Embeds texts and images with one `ClipModel` (or, texts only, an `ExportedTextModel`)."""
 
-    def __init__(self, clip: "ClipModel | ExportedTextModel", *, batch_size: int = DEFAULT_BATCH_SIZE,
+    def __init__(self, clip: "ClipModel | ExportedModel | ExportedTextModel", *, batch_size: int = DEFAULT_BATCH_SIZE,
                  num_workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -184,8 +185,12 @@ class Embedder:
         errors = {i: p.error for i, p in enumerate(chunk) if p.error is not None}
         good = [i for i, p in enumerate(chunk) if p.error is None]
         if good:
-            import torch
-            pixels = torch.stack([chunk[i].tensor for i in good])  # (B, 3, H, W)
+            tensors = [chunk[i].tensor for i in good]
+            if isinstance(tensors[0], np.ndarray):
+                pixels = np.stack(tensors)  # (B, 3, H, W)
+            else:
+                import torch
+                pixels = torch.stack(tensors)
             vectors[good] = self.clip.encode_images(pixels)
             refuse_non_finite(vectors, good, errors)
         return Embeddings(vectors, errors, offset)

@@ -12,14 +12,21 @@ Engines (the `engine` setting):
 
 Cache layout, one folder per model fingerprint (so a changed weight never reuses an export):
 
-    <root>/<fingerprint>/export.json            what was exported (model, dim, tokenizer)
+    <root>/<fingerprint>/export.json            what was exported (model, dim, tokenizer, preprocessing),
+                                                the weights' fingerprint, each file's size and blake2b
     <root>/<fingerprint>/{image,text}-fp32.onnx  the two towers, dynamic batch (+ .onnx.data: their weights)
-    <root>/<fingerprint>/image-int8.onnx          the image tower dynamically quantized, made on demand
+    <root>/<fingerprint>/image-int8.onnx          the image tower dynamically quantized
+    <root>/<fingerprint>/verified.json           stats of the files already hashed (export_cache.py)
     <root>/<fingerprint>/auto-<cpu key>.json     `auto`'s measured choice on one kind of CPU
     <root>/<fingerprint>/openvino/               OpenVINO's compiled-model cache
 
-`<root>` is beside the weights: `<checkpoint>/engines` for this project's checkpoints, else
-`$CLIP_ADAPTER_ENGINES`, else `$XDG_CACHE_HOME/clip-adapter/engines` (~/.cache/...).
+`<root>`: `<checkpoint>/engines` for this project's checkpoints (written by `save`, so a fine-tuned
+model's artifacts carry them), else `$CLIP_ADAPTER_ENGINES`, else `$XDG_CACHE_HOME/clip-adapter/engines`
+(export_cache.py: the order they are read in, read-only roots, the checks before use).
+
+Batch invariance: an item's vector never depends on its batch-mates. fp32 runs are invariant to
+float rounding; dynamic int8 scales activations over the whole input and bf16 kernels block by
+batch size, so those towers run one item at a time (PER_SAMPLE), which `auto` times as such.
 """
 from __future__ import annotations
 
@@ -30,20 +37,19 @@ import os
 import platform
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from .errors import EngineError
+from .export_cache import (CHECKPOINT_ENGINES, ENGINE_ENV, EXPORT_FORMAT, EXPORT_INFO, ExportDamaged,  # noqa: F401
+                           check_export, default_engine_root, engine_roots, read_export_info, tower_file,
+                           tower_files, warn_damaged, writable, write_root)
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-ENGINE_ENV = "CLIP_ADAPTER_ENGINES"
-CHECKPOINT_CONFIG = "clip_config.json"  # models.CHECKPOINT_CONFIG, repeated here to stay torch-free
-CHECKPOINT_ENGINES = "engines"
-EXPORT_INFO = "export.json"
-EXPORT_FORMAT = 1
 
 TORCH = "torch"
 AUTO = "auto"
@@ -57,6 +63,11 @@ VARIANTS: dict[str, tuple[str, str, Optional[str]]] = {
     "openvino-bf16": ("openvino", "fp32", "bf16"),
 }
 ENGINES = (AUTO, TORCH, *VARIANTS)
+# Towers whose numbers would move with the batch (see the module docstring): run one item at a time.
+PER_SAMPLE: dict[str, frozenset[str]] = {
+    "onnxruntime-int8": frozenset({"image"}),
+    "openvino-bf16": frozenset({"image", "text"}),
+}
 TOWERS = ("image", "text")
 
 
@@ -72,49 +83,26 @@ def runtime_installed(runtime: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Where exports live
+# Where exports live (export_cache.py: roots, export.json, checks)
 # --------------------------------------------------------------------------------------
-def default_engine_root() -> Path:
-    if os.environ.get(ENGINE_ENV):
-        return Path(os.environ[ENGINE_ENV]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(cache).expanduser() / "clip-adapter" / CHECKPOINT_ENGINES
-
-
-def engine_root_for(model_name: str) -> Path:
-    """Beside the weights: inside a project checkpoint directory, else the library's cache."""
-    path = Path(model_name).expanduser()
-    if path.name == CHECKPOINT_CONFIG:
-        path = path.parent
-    if path.is_dir() and (path / CHECKPOINT_CONFIG).is_file() and os.access(path, os.W_OK):
-        return path / CHECKPOINT_ENGINES
-    return default_engine_root()
-
-
 def export_dir(model_name: str, fingerprint: str) -> Path:
-    return engine_root_for(model_name) / fingerprint
+    """The folder holding this fingerprint's export: the first root that has one, else where to write it."""
+    for root in engine_roots(model_name):
+        if read_export_info(root / fingerprint) is not None:
+            return root / fingerprint
+    return write_root(model_name) / fingerprint
 
 
-def tower_file(directory: Path, tower: str, precision: str) -> Path:
-    return directory / f"{tower}-{precision}.onnx"
-
-
-def read_export_info(directory: Path) -> Optional[dict[str, Any]]:
-    """The export's description, or None when there is no complete export here."""
-    try:
-        info = json.loads((directory / EXPORT_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
-        return None
-    if not all(tower_file(directory, t, "fp32").is_file() for t in TOWERS):
-        return None
-    return info
+def engine_files(directory: Path, info: dict[str, Any], name: str) -> list[str]:
+    """The files the named variant reads: its image tower's and the fp32 text tower's."""
+    _, precision, _ = VARIANTS[name]
+    return tower_files(directory, "image", precision, info) + tower_files(directory, "text", "fp32", info)
 
 
 # --------------------------------------------------------------------------------------
 # Which CPU this is (the `auto` choice is only valid on the kind of CPU it was measured on)
 # --------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
 def cpu_key() -> str:
     """Model name, instruction-set flags, core count and runtime versions, hashed."""
     model, flags = platform.processor() or platform.machine(), ""
@@ -145,12 +133,34 @@ def choice_file(directory: Path, cpu: Optional[str] = None) -> Path:
     return directory / f"auto-{cpu or cpu_key()}.json"
 
 
+# Choices that could not be saved (a read-only cache): kept for this process, keyed by their file.
+_unsaved_choices: dict[str, dict[str, Any]] = {}
+
+
 def read_choice(directory: Path, cpu: Optional[str] = None) -> Optional[dict[str, Any]]:
+    path = choice_file(directory, cpu)
+    if str(path) in _unsaved_choices:
+        return _unsaved_choices[str(path)]
     try:
-        choice = json.loads(choice_file(directory, cpu).read_text(encoding="utf-8"))
+        choice = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return choice if isinstance(choice, dict) and choice.get("engine") in ENGINES else None
+
+
+def save_choice(directory: Path, choice: dict[str, Any]) -> None:
+    """Cache `auto`'s choice beside the export; where that cannot be written, keep it for this
+    process and say so once (each new process will measure again)."""
+    path = choice_file(directory)
+    try:
+        write_json_atomic(path, choice)
+        _unsaved_choices.pop(str(path), None)
+    except OSError as exc:
+        if str(path) not in _unsaved_choices:
+            log.warning("engine auto: cannot save its choice in %s (%s); it is kept for this process only, so "
+                        "every new process measures again (make the folder writable, or bake the choice in)",
+                        directory, exc.strerror or exc)
+        _unsaved_choices[str(path)] = choice
 
 
 def cached_choices(root: Optional[Path] = None) -> list[dict[str, Any]]:
@@ -230,7 +240,8 @@ def _openvino_tower(path: Path, precision_hint: str, threads: Optional[int]) -> 
     import openvino as ov
 
     core = ov.Core()
-    core.set_property({"CACHE_DIR": str(path.parent / "openvino")})  # compiled once, imported after
+    if writable(path.parent):  # compiled once, imported after (a read-only cache compiles each time)
+        core.set_property({"CACHE_DIR": str(path.parent / "openvino")})
     config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -277,11 +288,17 @@ class Engine:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 preprocessed pixels -> (B, D) L2-normalised float32."""
-        return normalize_rows(self.tower("image")(np.ascontiguousarray(pixels, dtype=np.float32)))
+        return normalize_rows(self._run("image", np.ascontiguousarray(pixels, dtype=np.float32)))
 
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """(B, L) int64 token ids -> (B, D) L2-normalised float32."""
-        return normalize_rows(self.tower("text")(np.ascontiguousarray(tokens, dtype=np.int64)))
+        return normalize_rows(self._run("text", np.ascontiguousarray(tokens, dtype=np.int64)))
+
+    def _run(self, which: str, array: np.ndarray) -> np.ndarray:
+        tower = self.tower(which)
+        if which in PER_SAMPLE.get(self.name, ()) and len(array) > 1:
+            return np.concatenate([tower(array[i:i + 1]) for i in range(len(array))])
+        return tower(array)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,9 +342,13 @@ def open_exported_text_model(model_name: str, fingerprint: str, requested: str =
         return None
     from .tokenizer import ClipTokenizer
     try:
+        check_export(directory, tower_files(directory, "text", "fp32", info))
         tokenizer = ClipTokenizer(int(info["tokenizer"]["context_length"]))
         engine = Engine(name, directory, optimize=False)
         engine.tower("text")
+    except ExportDamaged as exc:
+        warn_damaged(exc, "answering with torch")
+        return None
     except (EngineError, OSError, KeyError, ValueError) as exc:
         log.debug("no cold text path for %s: %s", model_name, exc)
         return None

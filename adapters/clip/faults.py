@@ -34,6 +34,9 @@ FAULT_POINTS = (
     "swap.old-moved-aside",            # inside a directory swap: the old one renamed away, the new one not in
     "swap.new-in",                     # the new directory is in, the old one not yet deleted
     "train.last-saved",                # last/ has the epoch, metrics.jsonl not yet
+    # engine exports
+    "export.files-written",            # the towers are in the work folder, none renamed in yet
+    "export.files-renamed",            # the towers are in place, export.json not yet written
 )
 
 _hits: dict[str, int] = {}

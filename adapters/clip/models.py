@@ -147,6 +147,9 @@ class ClipModel:
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     extra_info: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata, if any
     engine: Optional[Any] = None  # an exported `engines.Engine` for inference; None: eager torch
+    # The files the weights were read from ([] for a seeded random init); None once they changed in
+    # memory. Lets the export cache find the fingerprint from the files' identity (export_cache.py).
+    weights_files: Optional[list[str]] = None
 
     @property
     def image_size(self) -> int:
@@ -165,6 +168,7 @@ class ClipModel:
     def forget_fingerprint(self) -> None:
         """Call after changing the weights in place (training does): an export of the old weights goes too."""
         self.__dict__.pop("fingerprint", None)
+        self.weights_files = None
         self.use_torch()
 
     def use_torch(self) -> None:
@@ -389,15 +393,18 @@ def _model_lock(spec: ModelSpec) -> threading.Lock:
 def _load(spec: ModelSpec, torch_device: torch.device, precision: str, cache_dir: Optional[str]) -> ClipModel:
     if spec.kind == "project":
         model, arch_name, preprocess_cfg, source, info = _load_project_checkpoint(Path(spec.weights))
+        weights_files = [str(Path(spec.weights) / CHECKPOINT_WEIGHTS)]
     else:
         if spec.arch is None:
             raise CheckpointError(
                 f"{spec.weights}: a bare weights file does not say its architecture; set model_name to the "
                 f"model it was trained from (e.g. 'ViT-B/32'), or name it 'ARCH:{spec.weights}'")
         arch_name, info = spec.arch, {}
-        model, preprocess_cfg, source = _build(spec, cache_dir)
+        model, preprocess_cfg, source, weights_files = _build(spec, cache_dir)
     model = model.float().to(torch_device).eval()
-    return _assemble(model, arch_name, spec.name, source, torch_device, precision, preprocess_cfg, info)
+    clip = _assemble(model, arch_name, spec.name, source, torch_device, precision, preprocess_cfg, info)
+    clip.weights_files = weights_files
+    return clip
 
 
 def _assemble(model: torch.nn.Module, arch: str, name: str, source: str, device: torch.device,
@@ -426,20 +433,20 @@ def _probe_dim(model: torch.nn.Module, device: torch.device) -> int:
         return int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
 
 
-def _build(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[torch.nn.Module, dict, str]:
-    """Architecture + weights for the 'pretrained', 'random' and 'state_dict' kinds."""
+def _build(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[torch.nn.Module, dict, str, list[str]]:
+    """Architecture + weights for the 'pretrained', 'random' and 'state_dict' kinds, and the weights' file."""
     preprocess_cfg = default_preprocess_cfg(spec.arch)
     if spec.kind == "random":
-        return _new_model(spec.arch), preprocess_cfg, "random (seed 0)"
+        return _new_model(spec.arch), preprocess_cfg, "random (seed 0)", []
     if spec.kind == "pretrained":
         weights_file, tag_cfg = fetch_pretrained(spec.arch, spec.weights, cache_dir=cache_dir, name=spec.name)
         preprocess_cfg = open_clip.transform.merge_preprocess_dict(preprocess_cfg, tag_cfg)
         model = _new_model(spec.arch)
         _load_weights(model, read_state_dict(Path(weights_file)), Path(weights_file), spec.arch)
-        return model, preprocess_cfg, f"{spec.weights} ({weights_file})"
+        return model, preprocess_cfg, f"{spec.weights} ({weights_file})", [str(weights_file)]
     model = _new_model(spec.arch)
     _load_weights(model, read_state_dict(Path(spec.weights)), Path(spec.weights), spec.arch)
-    return model, preprocess_cfg, str(spec.weights)
+    return model, preprocess_cfg, str(spec.weights), [str(spec.weights)]
 
 
 def default_preprocess_cfg(arch: str) -> dict[str, Any]:

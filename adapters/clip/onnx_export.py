@@ -1,11 +1,13 @@
 """Export a loaded CLIP's two towers to ONNX, and give it the engine asked for (`auto` measures).
 
-- `export_towers` writes `{image,text}-fp32.onnx` once per fingerprint (temp file, then rename;
-  `export.json` last, as it vouches for both), `quantized_image_tower` the int8 copy on demand.
-- `choose_engine` runs the installed candidates (torch, ONNX Runtime fp32 and int8) on a probe
-  batch, keeps those whose vectors agree with torch fp32 (per-vector cosine and top-10 retrieval
-  agreement, both towers), and picks the fastest; the figures are cached per fingerprint and CPU.
-  The timing source is a parameter, so tests can hand it fake timings.
+- `export_towers` writes `{image,text}-fp32.onnx` and the image tower's int8 copy once per
+  fingerprint (built in a work folder, each file fsynced and renamed in, `export.json` with their
+  hashes last), under a per-fingerprint lock; `ensure_export` finds a sound one or rebuilds it.
+- `choose_engine` runs the installed candidates (torch, ONNX Runtime fp32/int8, OpenVINO fp32/bf16)
+  on a probe batch, keeps those whose vectors agree with torch fp32 (per-vector cosine and top-10
+  retrieval agreement, both towers) and do not move with their batch, and picks the fastest; the
+  figures are cached per fingerprint and CPU. The timing source is a parameter, so tests can hand
+  it fake timings.
 - `attach_engine(load_model(...), engine)` gives a loaded model its engine: any failure leaves it
   on torch with one warning. Training always runs on torch (`ClipModel.use_torch`).
 """
@@ -16,6 +18,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +27,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import torch
 
-from .engines import (AUTO, EXPORT_FORMAT, EXPORT_INFO, TORCH, TOWERS, VARIANTS, Engine, check_engine_name,
-                      choice_file, cpu_key, describe_choice, export_dir, read_choice, read_export_info,
-                      runtime_installed, tower_file)
+from .engines import (AUTO, TORCH, TOWERS, VARIANTS, Engine, check_engine_name, cpu_key, describe_choice,
+                      engine_files, export_dir, read_choice, runtime_installed, save_choice)
 from .errors import EngineError
-from .files import atomic_path, fsync_dir, write_json_atomic
+from .export_cache import (EXPORT_FORMAT, EXPORT_INFO, WORK_PREFIX, ExportDamaged, check_export, describe_file,
+                           discard_export, durable_rename, engine_roots, export_lock, forget_checks,
+                           known_fingerprint, read_export_info, remember_fingerprint, sweep_debris, tower_file,
+                           warn_damaged, writable, write_root)
+from .faults import faultpoint
+from .files import fsync_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from .models import ClipModel
@@ -39,7 +46,9 @@ OPSET = 17
 PROBE_ITEMS = 24              # images and texts in the probe set
 TIMING_ROUNDS = 3             # interleaved rounds; the median per candidate counts
 MIN_COSINE = 0.999            # per vector, against torch fp32, both towers
-MIN_AGREEMENT = 0.95          # mean top-10 overlap with torch fp32's neighbours, both towers
+MIN_AGREEMENT = 0.98          # mean top-10 overlap with torch fp32's neighbours, both towers
+MAX_BATCH_DRIFT = 1e-4        # an item's vector alone vs inside the probe batch (max abs difference)
+BATCH_PROBE = 4               # items embedded alone for that check
 VERIFY_COSINE = 0.99          # a chosen engine must reproduce torch this closely (catches broken, not lossy, ones)
 
 # timer(candidate name, run one probe batch) -> seconds that batch took
@@ -77,51 +86,101 @@ class _TextTower(torch.nn.Module):
         return self.model.encode_text(tokens)
 
 
+# torch's exporter and its attention fast-path switch are process-global: one export at a time per
+# process (export_lock orders processes), and the switch is restored by whoever turned it off.
+_EXPORTER = threading.Lock()
+
+
+def ensure_export(clip: "ClipModel") -> Path:
+    """A checked folder with this model's export: the first sound one among the roots; a damaged
+    one is rebuilt where it can be written (one warning naming it), skipped where it cannot; with
+    none, the model is exported into the first writable root."""
+    for root in engine_roots(clip.name):
+        directory = root / clip.fingerprint
+        if not (directory / EXPORT_INFO).exists():
+            continue
+        try:
+            check_export(directory)
+            return directory
+        except ExportDamaged as exc:
+            if writable(directory):
+                warn_damaged(exc, "rebuilding it from the weights")
+                return export_towers(clip, directory)
+            warn_damaged(exc, "it cannot be rebuilt there (read-only); exporting into a writable cache")
+    return export_towers(clip, write_root(clip.name) / clip.fingerprint)
+
+
 def export_towers(clip: "ClipModel", directory: Optional[Path] = None) -> Path:
-    """Both towers as fp32 ONNX with a dynamic batch, once per fingerprint. Returns the folder."""
+    """Both towers as fp32 ONNX with a dynamic batch, and the image tower's int8 copy, into
+    `directory` (default: where this fingerprint's export belongs), unless a sound export is there.
+    Safe from many threads and processes; a damaged or half-written export is replaced. Returns the folder."""
     directory = directory or export_dir(clip.name, clip.fingerprint)
-    if read_export_info(directory) is not None:
-        return directory
-    log.info("exporting %s (fingerprint %s) to ONNX in %s", clip.name, clip.fingerprint[:12], directory)
-    started = time.perf_counter()
-    model = clip.model.float().eval()
-    pixels = torch.zeros(2, 3, clip.image_size, clip.image_size, device=clip.device)
-    tokens = torch.as_tensor(np.asarray(clip.tokenizer(["a photo", "export"])), device=clip.device)
-    _export(_ImageTower(model), pixels, "pixels", tower_file(directory, "image", "fp32"))
-    _export(_TextTower(model), tokens, "tokens", tower_file(directory, "text", "fp32"))
-    write_json_atomic(directory / EXPORT_INFO, {
-        "format": EXPORT_FORMAT, "model": clip.name, "arch": clip.arch, "fingerprint": clip.fingerprint,
-        "dim": clip.dim, "image_size": clip.image_size, "tokenizer": tokenizer_spec(clip),
-        "opset": OPSET, "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)})
+    with export_lock(directory):
+        sweep_debris(directory)
+        try:
+            check_export(directory)
+            return directory  # sound, or finished by another exporter while this one waited
+        except ExportDamaged:
+            discard_export(directory)
+        _write_export(clip, directory)
     return directory
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str, target: Path) -> None:
-    """One tower to `target` + `target.data` (weights as external data: runtimes memory-map them, so
-    a cold search reads the 77 rows of the token table it uses, not all 100 MB of it)."""
+def _write_export(clip: "ClipModel", directory: Path) -> None:
+    """Everything built in a work folder, each file fsynced and renamed in, export.json (with the
+    files' hashes) last: a kill at any moment leaves no folder that claims to be complete."""
+    log.info("exporting %s (fingerprint %s) to ONNX in %s", clip.name, clip.fingerprint[:12], directory)
+    started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=directory))
+    try:
+        model = clip.model.float().eval()
+        pixels = torch.zeros(2, 3, clip.image_size, clip.image_size, device=clip.device)
+        tokens = torch.as_tensor(np.asarray(clip.tokenizer(["a photo", "export"])), device=clip.device)
+        _export(_ImageTower(model), pixels, "pixels", work, tower_file(work, "image", "fp32").name)
+        _export(_TextTower(model), tokens, "tokens", work, tower_file(work, "text", "fp32").name)
+        if runtime_installed("onnxruntime"):
+            quantize_image_tower(work)
+        files = {}
+        for path in sorted(p for p in work.iterdir() if p.name.endswith((".onnx", ".onnx.data"))):
+            os.chmod(path, 0o644)  # onnx writes external data private; a shared cache is read by other users
+            files[path.name] = describe_file(path)
+        faultpoint("export.files-written")
+        for name in files:
+            durable_rename(work / name, directory / name)
+        fsync_dir(directory)
+        faultpoint("export.files-renamed")
+        write_json_atomic(directory / EXPORT_INFO, {
+            "format": EXPORT_FORMAT, "model": clip.name, "arch": clip.arch, "fingerprint": clip.fingerprint,
+            "dim": clip.dim, "image_size": clip.image_size, "tokenizer": tokenizer_spec(clip),
+            "preprocess": clip.preprocess_cfg, "opset": OPSET, "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - started, 1), "files": files})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        forget_checks(directory)
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str, work: Path, name: str) -> None:
+    """One tower to `work/name` + `work/name.data` (weights as external data: runtimes memory-map them,
+    so a cold search reads the 77 rows of the token table it uses, not all 100 MB of it)."""
     import onnx
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
-    # nn.MultiheadAttention's inference fast path is a fused op the ONNX exporter cannot write.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python branches the export fixes
-            torch.onnx.export(module, (example,), str(work / "traced.onnx"), dynamo=False, opset_version=OPSET,
-                              input_names=[input_name], output_names=["features"],
-                              dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
-        data = target.name + ".data"
-        onnx.save_model(onnx.load(str(work / "traced.onnx")), str(work / target.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data, size_threshold=1024)
-        os.chmod(work / data, 0o644)  # onnx writes it private; a shared cache is read by other users
-        os.replace(work / data, target.parent / data)  # the weights first, then the graph that names them
-        os.replace(work / target.name, target)
-        fsync_dir(target.parent)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        shutil.rmtree(work, ignore_errors=True)
+    traced = work / f"traced-{name}"
+    with _EXPORTER:
+        # nn.MultiheadAttention's inference fast path is a fused op the ONNX exporter cannot write.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about Python branches the export fixes
+                torch.onnx.export(module, (example,), str(traced), dynamo=False, opset_version=OPSET,
+                                  input_names=[input_name], output_names=["features"],
+                                  dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+    onnx.save_model(onnx.load(str(traced)), str(work / name), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=name + ".data", size_threshold=1024)
+    traced.unlink()
 
 
 def tokenizer_spec(clip: "ClipModel") -> Optional[dict[str, Any]]:
@@ -136,24 +195,25 @@ def tokenizer_spec(clip: "ClipModel") -> Optional[dict[str, Any]]:
     return {"kind": "clip-bpe", "context_length": int(tokenizer.context_length)}
 
 
-def quantized_image_tower(directory: Path) -> None:
-    """An int8 copy of the image tower (dynamic quantization: int8 weights, activations scaled per batch)."""
+def quantize_image_tower(work: Path) -> None:
+    """The int8 copy of the image tower (dynamic quantization: int8 weights; activations scaled per
+    input, which is why that tower runs one item at a time, engines.PER_SAMPLE)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    target = tower_file(directory, "image", "int8")
-    if not target.is_file():
-        with atomic_path(target) as tmp:
-            quantize_dynamic(str(tower_file(directory, "image", "fp32")), str(tmp), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(tower_file(work, "image", "fp32")), str(tower_file(work, "image", "int8")),
+                     weight_type=QuantType.QInt8)
 
 
 def open_engine(directory: Path, name: str, *, eager: bool = True) -> Engine:
-    """The named variant over this export (its int8 file made first if needed). eager: open both
-    towers now (fail here, not mid-run); otherwise each opens on first use."""
-    runtime, precision, _ = VARIANTS[name]
+    """The named variant over this export, its files checked against export.json first (ExportDamaged).
+    eager: open both towers now (fail here, inside the caller's fall-back, not mid-run)."""
+    runtime, _, _ = VARIANTS[name]
     if not runtime_installed(runtime):
         raise EngineError(f"{runtime} is not installed (pip install {runtime})")
-    if precision == "int8":
-        quantized_image_tower(directory)
+    info = read_export_info(directory)
+    if info is None:
+        raise ExportDamaged(directory, "no complete export here")
+    check_export(directory, engine_files(directory, info, name))
     engine = Engine(name, directory)
     for tower in TOWERS if eager else ():
         engine.tower(tower)
@@ -225,14 +285,15 @@ def wall_clock(name: str, run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-# OpenVINO is not among auto's candidates: a process that has run it and then forks (training's
-# decode workers, as the demo does) died with SIGSEGV in tests/test_demo.py; it stays selectable by name.
-AUTO_RUNTIMES = ("onnxruntime",)
+AUTO_RUNTIMES = ("onnxruntime", "openvino")
+# Which variants auto may try (comma-separated; default all installed): a deployment can leave one out.
+AUTO_ENGINES_ENV = "CLIP_ADAPTER_AUTO_ENGINES"
 
 
 def candidate_names() -> list[str]:
+    allowed = [n.strip() for n in os.environ.get(AUTO_ENGINES_ENV, "").split(",") if n.strip()]
     return [TORCH] + [name for name, (runtime, _, _) in VARIANTS.items()
-                      if runtime in AUTO_RUNTIMES and runtime_installed(runtime)]
+                      if runtime in AUTO_RUNTIMES and runtime_installed(runtime) and (not allowed or name in allowed)]
 
 
 def choose_engine(clip: "ClipModel", directory: Path, *, timer: Timer = wall_clock,
@@ -252,9 +313,12 @@ def choose_engine(clip: "ClipModel", directory: Path, *, timer: Timer = wall_clo
             figures[name] = {"ok": False, "reason": f"failed: {type(exc).__name__}: {exc}"[:300]}
             continue
         row = agreement(reference, vectors)
-        row["ok"] = row["min_cosine"] >= MIN_COSINE and row["agreement"] >= MIN_AGREEMENT
+        row["batch_drift"] = batch_drift(engine, pixels.numpy()[:BATCH_PROBE], vectors[0][:BATCH_PROBE])
+        row["ok"] = (row["min_cosine"] >= MIN_COSINE and row["agreement"] >= MIN_AGREEMENT
+                     and row["batch_drift"] <= MAX_BATCH_DRIFT)
         if not row["ok"]:
-            row["reason"] = f"disagrees (cosine {row['min_cosine']:.5f}, top-10 {row['agreement']:.3f})"
+            row["reason"] = (f"disagrees (cosine {row['min_cosine']:.5f}, top-10 {row['agreement']:.3f}, "
+                             f"alone vs in a batch {row['batch_drift']:.1e})")
         figures[name] = row
         runs[name] = lambda engine=engine: engine.encode_images(pixels.numpy())
     timed = _interleaved_seconds(runs, timer)
@@ -266,8 +330,14 @@ def choose_engine(clip: "ClipModel", directory: Path, *, timer: Timer = wall_clo
     choice = {"engine": best, "model": clip.name, "arch": clip.arch, "fingerprint": clip.fingerprint,
               "cpu": cpu_key(), "probe_items": len(pixels), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "figures": figures}
-    write_json_atomic(choice_file(directory), choice)
+    save_choice(directory, choice)
     return choice
+
+
+def batch_drift(engine: Engine, pixels: np.ndarray, in_batch: np.ndarray) -> float:
+    """Largest change of a vector between being embedded alone and inside `pixels`' batch."""
+    alone = np.concatenate([engine.encode_images(pixels[i:i + 1]) for i in range(len(pixels))])
+    return float(np.max(np.abs(alone - in_batch)))
 
 
 def _interleaved_seconds(runs: dict[str, Callable[[], object]], timer: Timer) -> dict[str, float]:
@@ -285,6 +355,8 @@ def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wa
                   progress: Optional[Callable[[str], None]] = None) -> "ClipModel":
     """Give `clip` the requested engine; on any failure keep torch with one warning.
 
+    Everything that can fail (the export, its check, opening both towers) happens inside the
+    fall-back, so a broken cache never makes loading fail. A damaged export is rebuilt once.
     `progress` hears of the slow first-use steps (the export, `auto`'s measurement) as they start.
     """
     say = progress or (lambda message: None)
@@ -298,25 +370,13 @@ def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wa
                         clip.device.type)
         return clip
     try:
-        if read_export_info(export_dir(clip.name, clip.fingerprint)) is None:
-            say(f"exporting {clip.name}'s image and text towers to ONNX (once per model) ...")
-        directory = export_towers(clip)
-        if requested == AUTO:
-            choice = read_choice(directory)
-            if choice is None:
-                say(f"timing {', '.join(candidate_names())} on {PROBE_ITEMS} probe images to pick the fastest "
-                    f"engine (once per model and CPU) ...")
-                choice = choose_engine(clip, directory, timer=timer)
-                say(f"engine: {describe_choice(choice)}")
-            log.info("engine auto for %s on this CPU: %s", clip.name, describe_choice(choice))
-            if choice["engine"] == TORCH:
-                return clip
-            # Measured against torch on this fingerprint and CPU already: towers open when first used.
-            engine = open_engine(directory, choice["engine"], eager=False)
-            engine.note = f"auto on this CPU: {describe_choice(choice)}"
-        else:
-            engine = open_engine(directory, requested)
-            verify_engine(clip, engine)
+        adopt_known_fingerprint(clip)
+        try:
+            engine = _engine_for(clip, requested, timer, say)
+        except ExportDamaged as exc:  # damaged between the check and the open: rebuilt, once
+            warn_damaged(exc, "rebuilding it from the weights")
+            export_towers(clip, exc.directory)
+            engine = _engine_for(clip, requested, timer, say)
     except Exception as exc:  # noqa: BLE001 - an engine is an optimisation; torch always works
         log.warning("engine %s unavailable for %s (%s); using torch", requested, clip.name,
                     str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
@@ -324,3 +384,52 @@ def attach_engine(clip: "ClipModel", requested: str = AUTO, *, timer: Timer = wa
     clip.engine = engine
     return clip
 
+
+def _engine_for(clip: "ClipModel", requested: str, timer: Timer, say: Callable[[str], None]) -> Optional[Engine]:
+    if not any((root / clip.fingerprint / EXPORT_INFO).exists() for root in engine_roots(clip.name)):
+        say(f"exporting {clip.name}'s image and text towers to ONNX (once per model) ...")
+    directory = ensure_export(clip)
+    if clip.weights_files is not None:
+        remember_fingerprint(clip.name, clip.weights_files, clip.fingerprint, directory.parent)
+    if requested != AUTO:
+        engine = open_engine(directory, requested)
+        verify_engine(clip, engine)
+        return engine
+    choice = read_choice(directory)
+    if choice is None:
+        say(f"timing {', '.join(candidate_names())} on {PROBE_ITEMS} probe images to pick the fastest "
+            f"engine (once per model and CPU) ...")
+        choice = choose_engine(clip, directory, timer=timer)
+        say(f"engine: {describe_choice(choice)}")
+    log.info("engine auto for %s on this CPU: %s", clip.name, describe_choice(choice))
+    if choice["engine"] == TORCH:
+        return None
+    # Measured against torch on this fingerprint and CPU already; the files were just checked.
+    engine = open_engine(directory, choice["engine"])
+    engine.note = f"auto on this CPU: {describe_choice(choice)}"
+    return engine
+
+
+def adopt_known_fingerprint(clip: "ClipModel") -> None:
+    """Take the fingerprint recorded for this name when its weights files are unchanged since
+    (their stat): hashing every tensor again costs a second on ViT-B/32."""
+    if clip.weights_files is not None and "fingerprint" not in clip.__dict__:
+        known = known_fingerprint(clip.name)
+        if known is not None:
+            clip.__dict__["fingerprint"] = known
+
+
+def export_with_checkpoint(clip: "ClipModel", checkpoint: Path, *, measure: bool = True,
+                           timer: Timer = wall_clock) -> Path:
+    """Exports of a just-saved checkpoint into `<checkpoint>/engines/<fingerprint>`, so its artifacts
+    carry them and a CPU pod's first load only opens them; on a CPU, `auto`'s choice too (valid
+    wherever the CPU is of the same kind; another kind measures once at its first load) when `measure`."""
+    from .export_cache import CHECKPOINT_ENGINES
+    from .models import CHECKPOINT_WEIGHTS
+
+    directory = export_towers(clip, Path(checkpoint) / CHECKPOINT_ENGINES / clip.fingerprint)
+    remember_fingerprint(str(checkpoint), [str(Path(checkpoint) / CHECKPOINT_WEIGHTS)], clip.fingerprint,
+                         directory.parent)
+    if measure and clip.device.type == "cpu" and read_choice(directory) is None:
+        choose_engine(clip, directory, timer=timer)
+    return directory
