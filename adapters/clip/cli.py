@@ -81,13 +81,13 @@ def load_for_inference(name: str, device: str, engine: str, towers: Optional[Seq
     when they and `auto`'s choice are cached, without importing torch (exported_model.py).
     The first line comes before torch is imported (that alone takes seconds on a busy machine).
     """
-    if towers is not None:
+    missing = _is_path_name(name) and not Path(name).expanduser().exists()  # load_model says what is wrong
+    first_use = engine != "torch" and device in ("auto", "cpu") and not missing and not _prepared_here(name, engine)
+    if towers is not None and not first_use and not missing:
         from .exported_model import open_exported_model
         exported = open_exported_model(name, engine, device, towers=towers)
         if exported is not None:
             return exported
-    missing = _is_path_name(name) and not Path(name).expanduser().exists()  # load_model says what is wrong
-    first_use = engine != "torch" and device in ("auto", "cpu") and not missing and not _prepared_here(name, engine)
     if first_use:
         say(f"loading {name}; on its first use on this machine it is also exported to ONNX"
             + (" and the engines are timed" if engine == "auto" else "") + " once, to run faster from then on")

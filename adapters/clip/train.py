@@ -437,8 +437,7 @@ class BatchLoader:
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self.plan, num_workers=self.num_workers, collate_fn=self.collate,
-                pin_memory=self.pin_memory, persistent_workers=True, prefetch_factor=2,
-                multiprocessing_context=worker_start_method())
+                pin_memory=self.pin_memory, persistent_workers=True, prefetch_factor=2)
         return self._loader
 
     def _report(self, index: int, error: str) -> None:
@@ -446,13 +445,6 @@ class BatchLoader:
         if path not in self.failed:
             self.failed[path] = error
             log.warning("training image skipped: %s (%s)", path, error)
-
-
-def worker_start_method() -> Optional[str]:
-    """How decode workers start: forked (fast) unless OpenVINO ran in this process. A pytest session
-    that ran OpenVINO, then trained with forked workers, died with SIGSEGV at its next process start
-    (docs/benchmarks.md); forkserver workers come from a fresh interpreter that never loaded it."""
-    return "forkserver" if "openvino" in sys.modules else None
 
 
 # ======================================================================================
