@@ -144,7 +144,7 @@ def main() -> None:
     try:
         if not (work / "jpegs").is_dir():
             (work / "mp").mkdir()
-            mix = make_megapixel_mix(work / "mp", max(args.images, args.photos))
+            mix = make_megapixel_mix(work / "mp", max(-(-args.images * 5 // 4), args.photos))  # every 5th is a PNG
             (work / "jpegs").mkdir()
             for p in [p for p in mix if p.suffix == ".jpg"][:args.images]:
                 shutil.copy(p, work / "jpegs" / p.name)
