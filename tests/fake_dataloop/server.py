@@ -646,6 +646,20 @@ class FakeGate:
         with self.state.lock:
             return Reply(copy.deepcopy(execution))
 
+    @route("POST", f"/ml/models/{ID}/evaluate")
+    def model_evaluate(self, request: Request) -> Reply:
+        """`model.evaluate(dataset_id, filters)` (dtlpy Models.evaluate: {input: {datasetId, datasetQuery}}): an
+        execution of the model service's `evaluate_model` on {model, dataset, filters}, run before answering."""
+        model_id, payload = request.match[1], request.json() or {}
+        given = payload.get("input") or {}
+        execution = self._start_execution(model_id, payload, "evaluate_model",
+                                          {"model": {"model_id": model_id},
+                                           "dataset": {"dataset_id": given["datasetId"]},
+                                           "filters": given.get("datasetQuery")})
+        self._run_execution(execution)
+        with self.state.lock:
+            return Reply(copy.deepcopy(execution))
+
     @route("POST", f"/ml/models/{ID}/deploy")
     def model_deploy(self, request: Request) -> Reply:
         """`model.deploy()`: a model service (`PlatformState.add_service`); the model lists it
