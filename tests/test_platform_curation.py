@@ -94,7 +94,7 @@ def test_find_duplicates_groups_and_marks_every_member_and_nothing_else(platform
         assert without_group(platform.items[item_id]["metadata"]) == without_group(before[item_id])
     patched = [r for r in platform.requests if r.startswith("PATCH /items/")]
     assert sorted(patched) == sorted(f"PATCH /items/{i}" for i in list(kept) + [ids[5]])  # only what changed
-    assert not [r for r in platform.requests if r.startswith("POST /features/sets")]  # nothing created
+    assert "POST /features/sets" not in platform.requests  # no feature set created
 
 
 def test_a_second_run_after_deleting_a_duplicate_updates_the_metadata(platform, duplicates):
@@ -148,7 +148,7 @@ def test_sample_diverse_covers_every_cluster_small_ones_included(platform, clust
     again = adapter.sample_diverse(dataset=dl.datasets.get(dataset_id=dataset["id"]), n=8, filters=None,
                                    exclude=None)[1]
     assert again == result  # deterministic: a pipeline can send it to a labelling task
-    assert not [r for r in platform.requests if r.startswith(("PATCH", "DELETE"))]
+    assert not [r for r in platform.requests if r.startswith(("PATCH /items", "DELETE"))]
 
 
 def test_sample_diverse_keeps_away_from_excluded_items(platform, clustered):
@@ -164,17 +164,19 @@ def assert_one_line_and_nothing_changed(platform, error, match: str, before: dic
     message = str(error.value)
     assert "\n" not in message and message.startswith("CLIP adapter:") and match in message, message
     assert {i: item["metadata"] for i, item in platform.items.items()} == before
-    assert not [r for r in platform.requests if r.startswith(("PATCH", "DELETE", "POST /features/sets "))]
+    assert not [r for r in platform.requests if r.startswith(("PATCH /items", "DELETE"))]
+    assert "POST /features/sets" not in platform.requests and "POST /features/vectors" not in platform.requests
 
 
-@pytest.mark.parametrize("threshold", [0, -0.1, 1.5, float("nan")])
-def test_a_threshold_outside_0_1_is_refused(platform, duplicates, threshold):
+def test_a_threshold_outside_0_1_is_refused(platform, duplicates):
     dataset, model, _ = duplicates
     before = copy.deepcopy({i: item["metadata"] for i, item in platform.items.items()})
-    with pytest.raises(ClipAdapterFailure) as error:
-        ClipAdapter(model_entity=model).find_duplicates(dataset=dl.datasets.get(dataset_id=dataset["id"]),
-                                                        filters=None, threshold=threshold)
-    assert_one_line_and_nothing_changed(platform, error, "(0, 1]", before)
+    adapter = ClipAdapter(model_entity=model)
+    for threshold in (0, -0.1, 1.5, float("nan"), "high"):
+        with pytest.raises(ClipAdapterFailure) as error:
+            adapter.find_duplicates(dataset=dl.datasets.get(dataset_id=dataset["id"]), filters=None,
+                                    threshold=threshold)
+        assert_one_line_and_nothing_changed(platform, error, "(0, 1]", before)
 
 
 def test_a_model_without_a_feature_set_is_told_to_embed_first(platform, project):
@@ -193,12 +195,13 @@ def test_a_model_without_a_feature_set_is_told_to_embed_first(platform, project)
     assert platform.feature_sets == {}
 
 
-@pytest.mark.parametrize("n, match", [(260, "n=260 is larger than the 259 selected items"), (0, "at least 1"),
-                                      (2.5, "whole number")])
-def test_a_bad_sample_size_is_refused(platform, clustered, n, match):
+def test_a_bad_sample_size_is_refused(platform, clustered):
     dataset, model, _ = clustered
     before = copy.deepcopy({i: item["metadata"] for i, item in platform.items.items()})
-    with pytest.raises(ClipAdapterFailure) as error:
-        ClipAdapter(model_entity=model).sample_diverse(dataset=dl.datasets.get(dataset_id=dataset["id"]), n=n,
-                                                       filters=None, exclude=None)
-    assert_one_line_and_nothing_changed(platform, error, match, before)
+    adapter = ClipAdapter(model_entity=model)
+    for n, match in ((260, "n=260 is larger than the 259 selected items that have a vector"), (0, "at least 1"),
+                     (2.5, "whole number"), (None, "n (how many items to pick) is required")):
+        with pytest.raises(ClipAdapterFailure) as error:
+            adapter.sample_diverse(dataset=dl.datasets.get(dataset_id=dataset["id"]), n=n, filters=None,
+                                   exclude=None)
+        assert_one_line_and_nothing_changed(platform, error, match, before)
