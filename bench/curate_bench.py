@@ -97,8 +97,18 @@ def job(name: str, data: Path, out: Path, args: dict) -> dict:
     result["seconds"] = time.perf_counter() - loaded
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_s"] = usage.ru_utime + usage.ru_stime      # the whole process, loading included
-    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
+    result["peak_rss_gib"] = peak_rss_kib() / 2**20
     return result
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a
+    child's ru_maxrss across fork and exec, so a job started by a parent that held the generated
+    matrix would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def all_pairs_baseline(x: np.ndarray, threshold: float, blocks: int | None, out: Path, rows: int = 512) -> dict:
