@@ -480,6 +480,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError("-k must be >= 1")
     root = _store_root(args)
+    logging.getLogger("adapters.clip.store").addFilter(_SaidBelow(f"store {root}:"))  # printed once, below
     with sqlite_errors(root), Store.open(root, readonly=True) as store:
         total = store.count()
         if not total:
@@ -493,7 +494,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         query = query_vector(terms, embedder)
         filters = Filters(subsets=args.subset, where=args.where, path_glob=args.path_glob, min_score=args.min_score)
         result = Searcher(store, ann=args.ann).search(query, k=args.k, filters=filters)
-        for warning in result.warnings:  # the store's own were logged as they were found
+        for warning in store.warnings + result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     if args.sheet and result.hits:
         from .sheets import distinct_names, grid_sheet
@@ -517,6 +518,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"{len(result.hits)} results from {result.candidates} matching items ({result.method} search, "
           f"{result.seconds * 1000:.0f} ms)", file=sys.stderr)
     return EXIT_OK
+
+
+class _SaidBelow(logging.Filter):
+    """Drops the store's log records that the command prints itself (its `warnings`), so each shows once."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _no_results(result, total: int, min_score: Optional[float]) -> str:
