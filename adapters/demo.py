@@ -20,6 +20,7 @@ the corner, which caps Recall@1 near 25% (chance: 2%); the query sheets show it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -114,14 +115,15 @@ def write_prompt_export(root: Path, seed: int = 0) -> dict[str, int]:
 # ---- training through the adapter ----------------------------------------------------------
 def train_with_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path, home: Path) -> tuple[Any, str]:
     """Run ClipAdapter.train + save; returns (report dict, how it ran)."""
-    try:
-        adapter, samples = _offline_adapter(config, home)
-    except ImportError:
-        return _train_without_adapter(config, data_dir, model_dir), "adapters.clip.train.fit (dtlpy not installed)"
-    adapter.load(str(model_dir))  # nothing there yet: loads model_name ('tiny')
-    adapter.train(str(data_dir), str(model_dir),
-                  on_epoch_end_callback=lambda i, n: None)
-    adapter.save(str(model_dir))  # what dtlpy's save_to_model does before uploading model_dir
+    with quiet_dtlpy_logs():
+        try:
+            adapter, samples = _offline_adapter(config, home)
+        except ImportError:
+            return _train_without_adapter(config, data_dir, model_dir), "adapters.clip.train.fit (dtlpy not installed)"
+        adapter.load(str(model_dir))  # nothing there yet: loads model_name ('tiny')
+        adapter.train(str(data_dir), str(model_dir),
+                      on_epoch_end_callback=lambda i, n: None)
+        adapter.save(str(model_dir))  # what dtlpy's save_to_model does before uploading model_dir
     report = json.loads((model_dir / flat_name("report.json")).read_text(encoding="utf-8"))  # laid out flat by save
     return report, f"ClipAdapter.train ({len(samples)} metric samples kept locally instead of sent to the platform)"
 
@@ -130,12 +132,11 @@ def _offline_adapter(config: dict[str, Any], home: Path):
     """A ClipAdapter with a model entity built from JSON; its server calls are replaced by local stand-ins."""
     if "dtlpy" not in sys.modules:  # keep dtlpy's files and any login out of the user's ~/.dataloop
         os.environ.setdefault("DATALOOP_PATH", str(home))
-    quiet_dtlpy_logs()
     import dtlpy as dl
 
     from adapters.clip_adapter import ClipAdapter
 
-    for name in ("dtlpy", "ModelAdapter"):  # dtlpy warns on every adapter it builds
+    for name in QUIETED_LOGGERS:  # dtlpy warns on every adapter it builds
         logging.getLogger(name).setLevel(logging.ERROR)
 
     model = dl.Model.from_json(
@@ -156,14 +157,28 @@ def _offline_adapter(config: dict[str, Any], home: Path):
     return adapter, kept
 
 
-def quiet_dtlpy_logs() -> None:
-    """Keep dtlpy's records out of the command line's log handler.
+QUIETED_LOGGERS = ("dtlpy", "ModelAdapter")
+
+
+@contextlib.contextmanager
+def quiet_dtlpy_logs():
+    """Keep dtlpy's records out of the command line's log handler while the demo trains.
 
     Importing dtlpy sets its logger to DEBUG (its cookie-file chatter, ~30 lines) and gives it its
     own handlers, a console one at WARNING among them; records it also passed up to the root
     logger were printed by the CLI's handler whatever their level. dtlpy's own handlers stay.
+    The loggers are put back as they were afterwards: the demo also runs inside other processes
+    (tests, notebooks), whose adapters' warnings must still be seen.
     """
+    loggers = [logging.getLogger(name) for name in QUIETED_LOGGERS]
+    saved = [(logger, logger.level, logger.propagate) for logger in loggers]
     logging.getLogger("dtlpy").propagate = False
+    try:
+        yield
+    finally:
+        for logger, level, propagate in saved:
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _train_without_adapter(config: dict[str, Any], data_dir: Path, model_dir: Path) -> dict:

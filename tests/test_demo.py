@@ -1,6 +1,7 @@
 """`python -m adapters.demo`, shortened to a few epochs: real files, the real tiny model,
 ClipAdapter.train with a model entity built offline (its server calls replaced, see demo.py)."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,8 +16,13 @@ from adapters.demo import main
 
 def test_demo_builds_data_trains_through_the_adapter_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
+    loggers = [logging.getLogger(name) for name in ("dtlpy", "ModelAdapter")]
+    before = [(logger.level, logger.propagate) for logger in loggers]
     assert main(["--out", str(out), "--epochs", "3"]) == 0
     printed = capsys.readouterr().out
+    # The demo quiets dtlpy while it trains, then gives the process its loggers back as they were
+    # (once it left ModelAdapter at ERROR, and every later adapter's warnings in the process were lost).
+    assert [(logger.level, logger.propagate) for logger in loggers] == before
     summary = json.loads((out / "demo_summary.json").read_text())
     # The data is a Dataloop export of prompt items that the project's reader understands.
     pairs = load_pairs(out / "data", strict=True)
