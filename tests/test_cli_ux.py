@@ -72,7 +72,9 @@ def test_first_index_on_a_new_model_shows_progress_within_2_s_and_ctrl_c_says_ho
     first = Lines(args, CLIP_ADAPTER_ENGINES=engines)
     arrival, line = first.wait_for("first use")
     assert arrival < 2.0 and line.startswith("[") and "exported to ONNX" in line and "timed" in line
-    first.wait_for("exporting tiny's image and text towers to ONNX")
+    # Ctrl-C as the model is loaded, before its export (on a quiet machine tiny's export and timing
+    # take about 2 s, too short a window to aim at from here)
+    first.wait_for("tiny loaded (")
     first.proc.send_signal(signal.SIGINT)
     code, _, stderr = first.finish()
     assert code == 130 and "Traceback" not in stderr

@@ -51,8 +51,9 @@ def test_the_demo_does_not_print_dtlpys_debug_log(tmp_path):
 
     script = ("import logging; from adapters.clip.cli import main; "
               "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s'); "
-              "from adapters.demo import DEMO_CONFIG, _offline_adapter; "
-              f"_offline_adapter(DEMO_CONFIG, __import__('pathlib').Path({str(tmp_path)!r}))")
+              "from adapters.demo import DEMO_CONFIG, _offline_adapter, quiet_dtlpy_logs\n"
+              "with quiet_dtlpy_logs():  # as train_with_adapter imports dtlpy\n"
+              f"    _offline_adapter(DEMO_CONFIG, __import__('pathlib').Path({str(tmp_path)!r}))")
     env = {**os.environ, "DATALOOP_PATH": str(tmp_path / "dl")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
