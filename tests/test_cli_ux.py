@@ -39,7 +39,10 @@ class Lines:
     def __init__(self, args: list[str], **extra: str):
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "adapters.clip", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env_with(**extra))
+                                     stderr=subprocess.PIPE, text=True, env=env_with(**extra),
+                                     # Ctrl-C as in a terminal: a test run started in the background
+                                     # (`cmd &`) hands its children SIGINT ignored
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[tuple[float, str]] = []
         self.arrived = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
