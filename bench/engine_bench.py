@@ -41,12 +41,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from adapters.clip import engines  # noqa: E402
 from adapters.clip.embed import Embedder, Prepared  # noqa: E402
-from adapters.clip.onnx_export import agreement, attach_engine, export_towers, open_engine  # noqa: E402
+from adapters.clip.onnx_export import (PROBE_CAPTIONS, PROBE_SIZES, agreement, attach_engine,  # noqa: E402
+                                       export_towers, open_engine, synthetic_photo)
 from adapters.clip.models import load_model  # noqa: E402
 from embed_bench import make_photos  # noqa: E402
 
-CAPTIONS = [f"a photo of {a} {b}" for a in ("a red", "a small", "an old", "a bright", "two", "a blurry")
-            for b in ("dog", "car", "beach", "city at night", "bowl of fruit", "mountain lake")]
+CAPTIONS = list(PROBE_CAPTIONS)  # the captions `auto` probes with
 
 
 def uptime() -> str:
@@ -61,14 +61,9 @@ def median(values) -> float:
 def make_megapixel_mix(folder: Path, count: int) -> list[Path]:
     """Around 1 MP each: mostly JPEG at several aspect ratios, every fifth a PNG."""
     rng = np.random.default_rng(1)
-    sizes = [(1280, 800), (1024, 1024), (800, 1200), (1200, 900), (1152, 864)]
     paths = []
     for i in range(count):
-        w, h = sizes[i % len(sizes)]
-        small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-        noise = rng.integers(-10, 10, (h, w, 3))
-        image = Image.fromarray(np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8))
+        image = synthetic_photo(rng, *PROBE_SIZES[i % len(PROBE_SIZES)])  # as `auto`'s probe makes them
         path = folder / (f"mp_{i:03d}.png" if i % 5 == 4 else f"mp_{i:03d}.jpg")
         image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
         paths.append(path)

@@ -102,12 +102,13 @@ def first_load_of_saved_checkpoint(model: str, work: Path, env: dict) -> dict:
     saved = save_checkpoint(clip, work / "saved")
     measured = engines.choice_file(engines.export_dir(model, clip.fingerprint))
     if measured.is_file():  # auto already measured these weights on this CPU in this run: save would repeat it
-        (saved / "engines" / clip.fingerprint).mkdir(parents=True)
+        (saved / "engines" / clip.fingerprint).mkdir(parents=True, exist_ok=True)
         shutil.copy(measured, saved / "engines" / clip.fingerprint / measured.name)
     started = time.perf_counter()
     export_with_checkpoint(load_model(str(saved), device="cpu"), saved)  # what ClipAdapter.save adds
     save_seconds = time.perf_counter() - started
     downloaded = work / "downloaded"
+    shutil.rmtree(downloaded, ignore_errors=True)  # a reused --work folder: a fresh copy each run
     shutil.copytree(saved, downloaded)
     image = sorted((work / "mp").glob("*.jpg"))[0]
     code = ("import time, sys; t = time.perf_counter();"
@@ -139,11 +140,12 @@ def main() -> None:
     results: dict = {"uptime_before": uptime(), "model": args.model}
     print(results["uptime_before"], flush=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="engine-start-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), engines.ENGINE_ENV: str(work / "engines")}
     os.environ[engines.ENGINE_ENV] = env[engines.ENGINE_ENV]
     try:
         if not (work / "jpegs").is_dir():
-            (work / "mp").mkdir()
+            (work / "mp").mkdir(exist_ok=True)
             mix = make_megapixel_mix(work / "mp", max(-(-args.images * 5 // 4), args.photos))  # every 5th is a PNG
             (work / "jpegs").mkdir()
             for p in [p for p in mix if p.suffix == ".jpg"][:args.images]:

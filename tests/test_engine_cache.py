@@ -263,11 +263,11 @@ def test_embed_and_index_start_without_torch_once_exports_and_autos_choice_are_c
     for i in range(5):
         pattern_image(i).save(folder / f"{i}.png")
     monkeypatch.setenv(engines.ENGINE_ENV, str(root))
-    attach_engine(load_model("tiny", device="cpu"), "auto", timer=fastest("onnxruntime-int8"))  # the first load
+    attach_engine(load_model("tiny", device="cpu"), "auto", timer=fastest("onnxruntime"))  # the first load
     embed = ["embed", str(folder), "--model", "tiny", "--text", "a red square", "--out", str(tmp_path / "e")]
     status, _ = run_cli(embed, root, tmp_path)
     assert status == {"code": 0, "torch": False, "open_clip": False}
-    assert main(embed[:-1] + [str(tmp_path / "t"), "--engine", "onnxruntime-int8"]) == 0  # with torch loaded
+    assert main(embed[:-1] + [str(tmp_path / "t"), "--engine", "onnxruntime"]) == 0  # with torch loaded
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), np.load(tmp_path / "t.npy"), atol=1e-5)
     status, _ = run_cli(["index", str(folder), "--store", str(tmp_path / "store"), "--model", "tiny"], root, tmp_path)
     assert status == {"code": 0, "torch": False, "open_clip": False}
@@ -328,3 +328,19 @@ def test_a_saved_checkpoint_carries_its_exports_and_its_first_load_only_opens_th
     assert fresh.clip.fingerprint == adapter.clip.fingerprint and fresh.clip.engine_name == "onnxruntime"
     assert fresh.clip.engine.directory == uploaded / "engines" / adapter.clip.fingerprint
     assert_right_vectors(fresh.clip, adapter.clip)
+
+
+def test_a_choice_made_under_earlier_rules_is_measured_again(cache, caplog):
+    """auto's probe changed (rules 2: photo-like images, under which int8 and bf16 stopped passing on
+    random weights); a cached choice without the current rules must not keep an engine the new rules
+    would reject."""
+    clip = load_model("tiny", device="cpu")
+    directory = engines.export_dir(clip.name, clip.fingerprint)
+    path = engines.choice_file(directory)
+    old = json.loads(path.read_text())
+    assert old["rules"] == engines.AUTO_RULES
+    path.write_text(json.dumps({**{k: v for k, v in old.items() if k != "rules"}, "engine": "onnxruntime-int8"}))
+    assert engines.read_choice(directory) is None
+    attach_engine(clip, "auto", timer=fastest("onnxruntime"))
+    assert clip.engine_name == "onnxruntime"
+    assert json.loads(path.read_text())["rules"] == engines.AUTO_RULES

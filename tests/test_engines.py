@@ -100,8 +100,8 @@ from adapters.clip.onnx_export import attach_engine, candidate_names
 assert set(t.OPENVINO) <= set(candidate_names())
 def fastest(name, run):
     run()
-    return 0.1 if name == "openvino-bf16" else 1.0
-assert attach_engine(load_model("tiny", device="cpu"), "auto", timer=fastest).engine_name == "openvino-bf16"
+    return 0.1 if name == "openvino" else 1.0
+assert attach_engine(load_model("tiny", device="cpu"), "auto", timer=fastest).engine_name == "openvino"
 print("checked", t.OPENVINO)
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dtlpy as dl
 import numpy as np
@@ -128,3 +129,21 @@ def test_predict_items_overlapped_labels_the_same_as_dtlpys_flow(loaded):
 
     assert labels(overlapped) == labels(sequential)
     assert {a.item_id for a in overlapped} == {i.id for i in images} - {seeded[4]["id"]}
+
+
+def test_sixteen_downloads_run_at_once_not_dtlpys_default_pool_of_three_per_cpu(loaded, fake_dataloop_server):
+    """dtlpy runs every `item.download` in one pool of `client_api.num_processes` threads, 3 per CPU
+    (6 on a 2-core pod), under dtlpy's 16 download threads; loading the adapter raises it (dtlpy's
+    public setting), so 13 items asked for in 16 threads, as dtlpy asks, are all on the wire at once."""
+    platform, data, seeded, adapter = loaded
+    assert dl.client_api.num_processes >= 2 * ClipAdapter.DOWNLOAD_THREADS
+    items = [dl.items.get(item_id=i["id"]) for i in seeded]
+    network = fake_dataloop_server.network
+    network.latency_s, network.most_in_flight = 0.3, 0
+    try:
+        with ThreadPoolExecutor(max_workers=ClipAdapter.DOWNLOAD_THREADS) as pool:
+            prepared = list(pool.map(adapter.prepare_item_func, items))
+    finally:
+        network.latency_s = 0.0
+    assert not [p.error for p in prepared if p.error and "download failed" in p.error]
+    assert network.most_in_flight >= len(items) - 1, network.most_in_flight

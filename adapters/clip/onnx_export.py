@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .engines import (AUTO, TORCH, TOWERS, VARIANTS, Engine, check_engine_name, cpu_key, describe_choice,
-                      engine_files, export_dir, read_choice, runtime_installed, save_choice)
+from .engines import (AUTO, AUTO_RULES, TORCH, TOWERS, VARIANTS, Engine, check_engine_name, cpu_key,
+                      describe_choice, engine_files, export_dir, read_choice, runtime_installed, save_choice)
 from .errors import EngineError
 from .export_cache import (EXPORT_FORMAT, EXPORT_INFO, WORK_PREFIX, ExportDamaged, check_export, describe_file,
                            discard_export, durable_rename, engine_roots, export_lock, forget_checks,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 17
-PROBE_ITEMS = 24              # images and texts in the probe set
+PROBE_ITEMS = 32              # images and texts in the probe set
 TIMING_ROUNDS = 3             # interleaved rounds; the median per candidate counts
 MIN_COSINE = 0.999            # per vector, against torch fp32, both towers
 MIN_AGREEMENT = 0.98          # mean top-10 overlap with torch fp32's neighbours, both towers
@@ -223,20 +224,31 @@ def open_engine(directory: Path, name: str, *, eager: bool = True) -> Engine:
 # --------------------------------------------------------------------------------------
 # Agreement with torch fp32
 # --------------------------------------------------------------------------------------
-def probe_inputs(clip: "ClipModel", count: int = PROBE_ITEMS, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """Photo-like preprocessed pixels (smooth colour fields, edges, noise) and varied captions."""
+# The probe is what the issue's bar is stated on (bench/engine_start_bench.py's photos): photo-like
+# megapixel images put through the model's own preprocessing, and short photo captions. Smaller or
+# smoother synthetic inputs let a lossy engine pass (bf16 passed 24 colour fields at 6x6 blocks and
+# reordered the bench photos' neighbours: top-10 0.969).
+PROBE_SIZES = ((1280, 800), (1024, 1024), (800, 1200), (1200, 900), (1152, 864))
+PROBE_CAPTIONS = tuple(f"a photo of {a} {b}" for a in ("a red", "a small", "an old", "a bright", "two", "a blurry")
+                       for b in ("dog", "car", "beach", "city at night", "bowl of fruit", "mountain lake"))
+
+
+def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: a random colour field at 1/16 resolution upsampled bicubically (smooth
+    regions and edges at many orientations), plus per-pixel noise as a sensor gives."""
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    noise = rng.integers(-10, 10, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def probe_inputs(clip: "ClipModel", count: int = PROBE_ITEMS, seed: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """`count` photo-like images through the model's preprocessing, and as many photo captions."""
     rng = np.random.default_rng(seed)
-    size = clip.image_size
-    coarse = rng.uniform(0, 1, (count, 3, 6, 6)).astype(np.float32)
-    images = np.kron(coarse, np.ones((1, 1, size // 6 + 1, size // 6 + 1), np.float32))[..., :size, :size]
-    images += rng.normal(0, 0.08, images.shape).astype(np.float32)
-    mean = np.asarray(clip.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), np.float32)
-    std = np.asarray(clip.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), np.float32)
-    pixels = (np.clip(images, 0, 1) - mean[:, None, None]) / std[:, None, None]
-    colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-    things = ["dog", "car", "house", "tree", "person on a bike", "bowl of soup", "beach at sunset", "city street"]
-    captions = [f"a photo of a {colours[i % 8]} {things[(i * 3 + i // 8) % 8]}" for i in range(count)]
-    return torch.from_numpy(np.ascontiguousarray(pixels)), np.asarray(clip.tokenizer(captions))
+    pixels = torch.stack([clip.preprocess(synthetic_photo(rng, *PROBE_SIZES[i % len(PROBE_SIZES)]))
+                          for i in range(count)])
+    captions = [PROBE_CAPTIONS[(i + seed) % len(PROBE_CAPTIONS)] for i in range(count)]
+    return pixels.contiguous(), np.asarray(clip.tokenizer(captions))
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -327,9 +339,9 @@ def choose_engine(clip: "ClipModel", directory: Path, *, timer: Timer = wall_clo
         figures[name]["images_per_s"] = len(pixels) / seconds if seconds > 0 else float("inf")
     usable = [name for name, row in figures.items() if row["ok"] and name in timed]
     best = min(usable, key=lambda name: timed[name])
-    choice = {"engine": best, "model": clip.name, "arch": clip.arch, "fingerprint": clip.fingerprint,
-              "cpu": cpu_key(), "probe_items": len(pixels), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "figures": figures}
+    choice = {"engine": best, "rules": AUTO_RULES, "model": clip.name, "arch": clip.arch,
+              "fingerprint": clip.fingerprint, "cpu": cpu_key(), "probe_items": len(pixels),
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "figures": figures}
     save_choice(directory, choice)
     return choice
 

@@ -8,6 +8,7 @@ shows up as a clear failure, never as silently wrong data. docs/platform-tests.m
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import email.parser
 import email.policy
@@ -19,9 +20,9 @@ import threading
 import time
 import traceback
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import dql
@@ -701,9 +702,23 @@ class Network:
 
     latency_s: float = 0.0
     bytes_per_s: Optional[float] = None
+    in_flight: int = 0          # requests being answered now
+    most_in_flight: int = 0     # the most at once since it was last set to 0 (how parallel the client is)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def delay(self, nbytes: int) -> float:
         return self.latency_s + (nbytes / self.bytes_per_s if self.bytes_per_s else 0.0)
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -729,6 +744,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _serve(self) -> None:
+        with self.network.answering():
+            self._answer()
+
+    def _answer(self) -> None:
         body = self._body()
         try:
             reply = self.gate.handle(self.command, self.path, self.headers, body)
