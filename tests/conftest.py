@@ -11,11 +11,6 @@ _DATALOOP_HOME = tempfile.mkdtemp(prefix="dataloop-test-")
 os.environ["DATALOOP_PATH"] = _DATALOOP_HOME
 # Exported engines go to a temp cache too (never the developer's ~/.cache); tests may point elsewhere.
 os.environ["CLIP_ADAPTER_ENGINES"] = tempfile.mkdtemp(prefix="clip-engines-test-")
-# auto may pick OpenVINO; in this long-lived test process it stays on ONNX Runtime: a pytest session that
-# ran OpenVINO in-process, then tests/test_demo.py's training, died with SIGSEGV starting the next test's
-# subprocess (3 of 3 runs; docs/benchmarks.md "OpenVINO in auto"). OpenVINO's own tests, auto choosing
-# it, and a process that embeds with it then trains, run in subprocesses.
-os.environ.setdefault("CLIP_ADAPTER_AUTO_ENGINES", "onnxruntime,onnxruntime-int8")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -32,17 +32,20 @@ or its single items, to the streams at once.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import platform
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -278,15 +281,65 @@ _OPENVINO_READY: set = set()  # input dtypes pyopenvino has run once in this pro
 
 
 def _openvino_tower(path: Path, precision_hint: str, threads: Optional[int]) -> Tower:
-    import openvino as ov
-
-    core = ov.Core()
-    if writable(path.parent):  # compiled once, imported after (a read-only cache compiles each time)
-        core.set_property({"CACHE_DIR": str(path.parent / "openvino")})
     config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+    if writable(path.parent):  # compiled once, imported after (a read-only cache compiles each time)
+        config["CACHE_DIR"] = str(path.parent / "openvino")
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return _OpenVinoTower(core.compile_model(str(path), "CPU", config))
+    with signal_stack_kept():
+        return _OpenVinoTower(_openvino_core().compile_model(str(path), "CPU", config))
+
+
+# OpenVINO's CPU plugin and signals. Creating the plugin (a Core's first compile) replaces the
+# calling thread's alternate signal stack with an 11.5 kB buffer of the plugin's; destroying it (when
+# its Core is garbage-collected) unmaps the buffer and resets the *destroying* thread's stack. When a
+# Core made on one thread died on another, the first thread was left with an unmapped signal stack,
+# and Python runs its signal handlers there (SA_ONSTACK): the next SIGCHLD with a handler installed
+# (a DataLoader's forked workers, subprocesses) killed the process with SIGSEGV (si_code SI_KERNEL),
+# or wrote its frame into freed memory (a later crash in malloc). So: one Core for the process, never
+# destroyed before exit, and the caller's signal stack put back after each compile.
+_OPENVINO_CORE: Any = None
+
+
+def _openvino_core() -> Any:
+    global _OPENVINO_CORE
+    with _OPENVINO_FIRST:
+        if _OPENVINO_CORE is None:
+            import openvino as ov
+
+            _OPENVINO_CORE = ov.Core()
+        return _OPENVINO_CORE
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]  # Linux
+
+
+def current_signal_stack() -> Optional[tuple[int, int, int]]:
+    """This thread's alternate signal stack (address, flags, size); None where it cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    stack = _SignalStack()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) != 0:
+        return None
+    return stack.ss_sp or 0, stack.ss_flags, stack.ss_size
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Whatever runs inside leaves this thread's alternate signal stack as it found it (Linux)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def normalize_rows(features: np.ndarray) -> np.ndarray:

@@ -243,10 +243,14 @@ def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.
 
 
 def probe_inputs(clip: "ClipModel", count: int = PROBE_ITEMS, seed: int = 1) -> tuple[torch.Tensor, np.ndarray]:
-    """`count` photo-like images through the model's preprocessing, and as many photo captions."""
+    """`count` photo-like images through the model's preprocessing, and as many photo captions.
+
+    Megapixel images for OpenAI's models (224 px and up: their short side stays over 3.5x the
+    input); for a smaller model (the tests' 64 px tiny) the same images at a smaller scale."""
     rng = np.random.default_rng(seed)
-    pixels = torch.stack([clip.preprocess(synthetic_photo(rng, *PROBE_SIZES[i % len(PROBE_SIZES)]))
-                          for i in range(count)])
+    scale = min(1.0, 4 * clip.image_size / min(min(size) for size in PROBE_SIZES))
+    sizes = [(round(w * scale) // 16 * 16, round(h * scale) // 16 * 16) for w, h in PROBE_SIZES]
+    pixels = torch.stack([clip.preprocess(synthetic_photo(rng, *sizes[i % len(sizes)])) for i in range(count)])
     captions = [PROBE_CAPTIONS[(i + seed) % len(PROBE_CAPTIONS)] for i in range(count)]
     return pixels.contiguous(), np.asarray(clip.tokenizer(captions))
 
