@@ -243,3 +243,25 @@ def test_network_probe_has_a_hard_deadline(monkeypatch):
     start = time.monotonic()
     assert models.host_reachable("example.invalid", 443, timeout=0.5) is False
     assert time.monotonic() - start < 2
+
+
+def test_loading_a_model_leaves_logging_unconfigured():
+    """open_clip logs with `logging.info`, which configures a root handler when there is none; the process
+    then printed dtlpy's whole DEBUG log on stderr (a model service's log). In a fresh process: loading
+    adds no root handler, and a dtlpy-style DEBUG record afterwards prints nothing."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import logging\n"
+              "from adapters.clip.models import load_model\n"
+              "load_model('tiny', device='cpu')\n"
+              "assert logging.getLogger().handlers == [], logging.getLogger().handlers\n"
+              "chatty = logging.getLogger('dtlpy-like'); chatty.setLevel(logging.DEBUG)\n"
+              "chatty.debug('COOKIE.read: key: project')\n"
+              "print('quiet')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "quiet"
+    assert "COOKIE.read" not in done.stderr

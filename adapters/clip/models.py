@@ -27,7 +27,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import open_clip
@@ -375,8 +375,28 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     """
     spec = parse_model_spec(name, arch)
     torch_device = resolve_device(device)
-    with _model_lock(spec):  # one load of a model at a time: no doubled downloads, no doubled memory peak
+    with _model_lock(spec), no_implicit_root_handler():  # one load at a time: no doubled downloads or memory peak
         return _load(spec, torch_device, precision, cache_dir)
+
+
+@contextlib.contextmanager
+def no_implicit_root_handler() -> Iterator[None]:
+    """While open_clip builds a model, its module-level `logging.info` calls must not configure logging.
+
+    `logging.info` calls `basicConfig()` when the root logger has no handler; from then on the process
+    printed every record that reached the root at any level, dtlpy's DEBUG log included (a line per
+    cookie read, several per download, in a model service's log). A NullHandler on the root while open_clip
+    runs makes that call a no-op; a handler the application set up itself is left alone."""
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
 
 
 _MODEL_LOCKS: dict[tuple, threading.Lock] = {}
