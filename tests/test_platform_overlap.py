@@ -139,7 +139,7 @@ def test_sixteen_downloads_run_at_once_not_dtlpys_default_pool_of_three_per_cpu(
     assert dl.client_api.num_processes >= 2 * ClipAdapter.DOWNLOAD_THREADS
     items = [dl.items.get(item_id=i["id"]) for i in seeded]
     network = fake_dataloop_server.network
-    network.latency_s, network.most_in_flight = 0.3, 0
+    network.latency_s, network.most_in_flight = 1.0, 0  # long enough for all 13 to start under any load
     try:
         with ThreadPoolExecutor(max_workers=ClipAdapter.DOWNLOAD_THREADS) as pool:
             prepared = list(pool.map(adapter.prepare_item_func, items))
