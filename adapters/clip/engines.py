@@ -315,31 +315,29 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]  # Linux
 
 
-def current_signal_stack() -> Optional[tuple[int, int, int]]:
-    """This thread's alternate signal stack (address, flags, size); None where it cannot be read."""
+def _read_signal_stack() -> Optional[_SignalStack]:
+    """This thread's alternate signal stack as sigaltstack gives it; None off Linux or on failure."""
     if not sys.platform.startswith("linux"):
         return None
     stack = _SignalStack()
-    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) != 0:
-        return None
-    return stack.ss_sp or 0, stack.ss_flags, stack.ss_size
+    return stack if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0 else None
+
+
+def current_signal_stack() -> Optional[tuple[int, int, int]]:
+    """This thread's alternate signal stack (address, flags, size); None where it cannot be read."""
+    stack = _read_signal_stack()
+    return None if stack is None else (stack.ss_sp or 0, stack.ss_flags, stack.ss_size)
 
 
 @contextlib.contextmanager
 def signal_stack_kept() -> Iterator[None]:
     """Whatever runs inside leaves this thread's alternate signal stack as it found it (Linux)."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None)
-    saved = _SignalStack()
-    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
-        yield
-        return
+    saved = _read_signal_stack()
     try:
         yield
     finally:
-        libc.sigaltstack(ctypes.byref(saved), None)
+        if saved is not None:
+            ctypes.CDLL(None).sigaltstack(ctypes.byref(saved), None)
 
 
 def normalize_rows(features: np.ndarray) -> np.ndarray:
