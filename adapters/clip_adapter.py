@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -139,6 +140,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._prefetchers: list[Prefetcher] = []  # one per embed_items/predict_items call in progress
         self._prefetch_lock = threading.Lock()
         self._vectors_checked = False  # the feature set was looked at for the earlier adapter's vectors
+        self._turn = threading.local()   # the embed_items turn this thread runs (see _embed_in_turns)
         super().__init__(model_entity=model_entity)
 
     # ---- configuration -------------------------------------------------------------------
@@ -224,13 +226,18 @@ class ClipAdapter(dl.BaseModelAdapter):
     # ---- dtlpy's batch loops, with the next batch downloading while one computes -------------
     DOWNLOAD_THREADS = 16  # as many as dtlpy's own pool: downloads wait on the network, not the CPU
 
-    def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
-        """dtlpy's own `embed_items`, unchanged, with downloads overlapped with compute.
+    FIRST_TURN = 32  # items in embed_items' first call into dtlpy: the only download nothing hides
 
-        dtlpy downloads a batch (`prepare_item_func` in 16 threads) and then embeds it, so within
-        one execution the network and the CPU take turns. While this call runs, a prefetcher over
-        `items` fetches the next batch as soon as dtlpy asks for the current one, and
-        `prepare_item_func` hands dtlpy what it fetched (docs/platform.md has the measurements).
+    def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
+        """dtlpy's own `embed_items`, unchanged, with downloads and feature uploads overlapped with compute.
+
+        dtlpy downloads a batch (`prepare_item_func` in 16 threads) and then embeds it, and uploads
+        every vector at the end, so within one execution the network and the CPU take turns. Here a
+        prefetcher over `items` fetches the next batch as soon as dtlpy asks for the current one
+        (`prepare_item_func` hands dtlpy what it fetched), and dtlpy's `embed_items` runs one batch
+        per call, its upload (dtlpy's own code, at the end of the call) going on while the next batch
+        embeds; the first call takes FIRST_TURN items, so the first download is short
+        (docs/platform.md has the measurements).
 
         Before the first upload into the model's feature set (once per loaded model), a look at its
         oldest vectors: the earlier adapter's there are reported (see `migrate_feature_set`).
@@ -238,9 +245,44 @@ class ClipAdapter(dl.BaseModelAdapter):
         if upload_features is not False:
             self._check_vectors_once("embed_dataset on the model's datasets, or migrate_feature_set(), embeds them "
                                      "again")
+        options = dict(upload_features=upload_features, batch_size=batch_size, progress=progress, **kwargs)
         with self._overlapped_downloads(items, batch_size):
-            return super().embed_items(items, upload_features=upload_features, batch_size=batch_size,
-                                       progress=progress, **kwargs)
+            size = self._batch_size(batch_size)
+            if not isinstance(items, (list, tuple)) or len(items) <= min(size, self.FIRST_TURN):
+                return super().embed_items(items, **options)
+            return self._embed_in_turns(list(items), size, options)
+
+    def _batch_size(self, batch_size: Optional[int]) -> int:
+        return int(batch_size if batch_size is not None else self.configuration.get("batch_size", 4))
+
+    def _embed_in_turns(self, items: list, size: int, options: dict) -> tuple[list, list]:
+        """dtlpy's `embed_items` on one batch per call; a call starts as soon as the one before has
+        its vectors (that call then uploads them, while this one embeds). Every batch runs, as in
+        dtlpy's loop; the failures of all of them are raised together at the end, as dtlpy does."""
+        first = min(size, self.FIRST_TURN)
+        turns = [items[:first]] + [items[i:i + size] for i in range(first, len(items), size)]
+        calls = []
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="embed-turn") as pool:
+            for turn in turns:
+                embedded = threading.Event()
+                calls.append(pool.submit(self._embed_turn, turn, embedded, options))
+                embedded.wait()
+            outcomes = [call.exception() or call.result() for call in calls]
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise Exception(f"Failed to embed all items: {len(failures)} of {len(turns)} batches failed.\n"
+                            + "\n".join(str(failure) for failure in failures))
+        return ([item for done, _ in outcomes for item in done], [vector for _, vectors in outcomes for vector in vectors])
+
+    def _embed_turn(self, items: list, embedded: threading.Event, options: dict) -> tuple[list, list]:
+        self._turn.embedded = embedded  # set by `embed` when the batch's vectors exist
+        try:
+            return super().embed_items(items, **options)
+        finally:
+            self._turn.embedded = None
+            embedded.set()  # also when dtlpy never reached `embed` (a failure before it)
 
     def predict_items(self, items: list, batch_size=None, **kwargs):
         """dtlpy's own `predict_items`, with downloads overlapped with compute (see `embed_items`)."""
@@ -258,8 +300,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         if not isinstance(items, (list, tuple)) or len(items) == 0:
             yield
             return
-        size = batch_size if batch_size is not None else self.configuration.get("batch_size", 4)
-        prefetcher = Prefetcher(items, self._prepare_item, key=id, ahead=int(size), workers=self.DOWNLOAD_THREADS)
+        prefetcher = Prefetcher(items, self._prepare_item, key=id, ahead=self._batch_size(batch_size),
+                                workers=self.DOWNLOAD_THREADS)
         with self._prefetch_lock:
             self._prefetchers.append(prefetcher)
         try:
@@ -337,6 +379,9 @@ class ClipAdapter(dl.BaseModelAdapter):
                     reasons[index] = result.errors[position]
         for index, reason in reasons.items():
             self.logger.warning(f"item {inputs[index].item_id}: no embedding: {reason}")
+        embedded = getattr(self._turn, "embedded", None)
+        if embedded is not None:
+            embedded.set()  # the next turn of _embed_in_turns may start computing
         return vectors
 
     # ---- text search of a dataset ----------------------------------------------------------
@@ -403,8 +448,6 @@ class ClipAdapter(dl.BaseModelAdapter):
         From the SDK: `ClipAdapter(model_entity=model).migrate_feature_set()`; `embed_dataset` runs it by
         itself when it finds such vectors. An item that cannot be embedded now keeps its old vector and
         is named in the log."""
-        from concurrent.futures import ThreadPoolExecutor
-
         self._require_loaded()
         self._vectors_checked = True  # re-embedding goes through embed_items: no second look
         check = VectorCheck()

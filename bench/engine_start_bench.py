@@ -9,7 +9,8 @@
 (2) `auto`'s own choice, measured afresh (OpenVINO among the candidates now);
 (3) whole commands, new processes, exports and auto's choice cached: `embed` of N 1-MP JPEGs with
     `--engine torch` vs `--engine auto` (interleaved rounds), and a one-image `embed` (auto vs torch),
-    with whether torch was imported;
+    with whether torch was imported, and how the two commands' N vectors agree (min cosine, top-10
+    image neighbours);
 (4) a saved checkpoint (weights + the exports `save` writes + auto's choice), copied as an artifact
     download makes it (new files), then a new process loading it with engine auto through
     `ClipAdapter`'s library calls and embedding one image: wall time.
@@ -37,9 +38,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from adapters.clip import engines  # noqa: E402
 from adapters.clip.embed import Embedder  # noqa: E402
+from adapters.clip.errors import EngineError  # noqa: E402
 from adapters.clip.models import load_model, save_checkpoint  # noqa: E402
 from adapters.clip.onnx_export import (agreement, choose_engine, ensure_export, export_with_checkpoint,  # noqa: E402
-                                       open_engine)
+                                       open_engine, retrieval_agreement)
 from engine_bench import CAPTIONS, make_megapixel_mix  # noqa: E402
 
 
@@ -62,7 +64,12 @@ def run_cli(args: list[str], env: dict) -> tuple[float, bool]:
 
 def engines_on_photos(clip, directory: Path, pixels: torch.Tensor, tokens, rounds: int) -> dict:
     names = [n for n in engines.VARIANTS if engines.runtime_installed(engines.VARIANTS[n][0])]
-    opened = {name: open_engine(directory, name) for name in names}
+    opened, unavailable = {}, {}
+    for name in names:
+        try:
+            opened[name] = open_engine(directory, name)
+        except EngineError as exc:  # e.g. no int8 copy: ONNX Runtime cannot quantize OpenAI's ResNets
+            unavailable[name] = {"unavailable": str(exc)}
     reference = (clip.torch_encode_images(pixels), clip.torch_encode_tokens(tokens))
     array = pixels.numpy()
     runs = {"torch": lambda: [clip.torch_encode_images(pixels[i:i + 32]) for i in range(0, len(pixels), 32)]}
@@ -88,12 +95,17 @@ def engines_on_photos(clip, directory: Path, pixels: torch.Tensor, tokens, round
         batch = engine.encode_images(array[:n])
         alone = np.concatenate([engine.encode_images(array[i:i + 1]) for i in range(n)])
         rows[name]["drift_alone_vs_batch32"] = float(np.abs(alone - batch).max())
-        rows[name].update(agreement(reference, (engine.encode_images(array), engine.encode_tokens(tokens))))
+        images, texts = engine.encode_images(array), engine.encode_tokens(tokens)
+        rows[name].update(agreement(reference, (images, texts)))
+        # the two halves of `agreement`: image -> image neighbours, and caption -> image
+        rows[name]["top10_image_image"] = retrieval_agreement(reference[0], reference[0], images, images,
+                                                              exclude_self=True)
+        rows[name]["top10_text_image"] = retrieval_agreement(reference[1], reference[0], texts, images)
         if name in engines.PER_SAMPLE:
             whole = engines.normalize_rows(engine.tower("image")(array[:n]))
             lone = np.concatenate([engines.normalize_rows(engine.tower("image")(array[i:i + 1])) for i in range(n)])
             rows[f"{name} (whole batch)"]["drift_alone_vs_batch32"] = float(np.abs(lone - whole).max())
-    return rows
+    return {**rows, **unavailable}
 
 
 def first_load_of_saved_checkpoint(model: str, work: Path, env: dict) -> dict:
@@ -185,13 +197,16 @@ def main() -> None:
                 print(f"  cli walls so far: {walls}", flush=True)
             a, b = np.load(work / "torch.npy"), np.load(work / "auto.npy")
             cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            a, b = engines.normalize_rows(a), engines.normalize_rows(b)
             results["cli"] = {"images": len(jpegs), "walls": walls, "torch_imported": imported,
                               "median": {k: float(np.median(v)) for k, v in walls.items()},
-                              "min_cosine_auto_vs_torch": float(cos.min())}
+                              "min_cosine_auto_vs_torch": float(cos.min()),
+                              "top10_auto_vs_torch": retrieval_agreement(a, a, b, b, exclude_self=True)}
             m = results["cli"]["median"]
             print(f"  embed {len(jpegs)}: torch {m['torch']:.1f}s auto {m['auto']:.1f}s "
-                  f"x{m['torch'] / m['auto']:.2f}; one image: torch {m['one torch']:.2f}s auto {m['one auto']:.2f}s",
-                  flush=True)
+                  f"x{m['torch'] / m['auto']:.2f}; one image: torch {m['one torch']:.2f}s auto {m['one auto']:.2f}s; "
+                  f"the {len(jpegs)} vectors: min cosine {results['cli']['min_cosine_auto_vs_torch']:.6f}, "
+                  f"top-10 image neighbours {results['cli']['top10_auto_vs_torch']:.3f}", flush=True)
         if "checkpoint" not in args.skip:
             results["checkpoint"] = first_load_of_saved_checkpoint(args.model, work, env)
             print("  checkpoint:", results["checkpoint"], flush=True)

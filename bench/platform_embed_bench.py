@@ -12,7 +12,7 @@ one run, interleaved:
 (b) dtlpy's flow as it is: `embed_dataset` with dtlpy's own `embed_items` (download a batch in 16
     threads, then embed it, in turn);
 (c) what ships: `embed_dataset` with the adapter's `embed_items` (the next batch downloads while
-    a batch embeds);
+    a batch embeds, and a batch's vectors upload while the next embeds);
 (d) downloads only: every item through `prepare_item_func` in dtlpy's 16-thread pool, batch by batch.
 Each round runs (a) before and after (b) and (c); ratios are against the mean of the two (a)s of
 their round. The issue's target: (c) >= 0.8 of (a).
@@ -30,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp(prefix="dataloop-bench-"))  # before dtlpy
@@ -149,14 +150,23 @@ def main() -> None:
                     assert all(p.ok for p in prepared)
             return len(items) / (time.perf_counter() - began)
 
+        cpu: dict[str, list[float]] = {}
+
+        def timed(name: str, run: Callable[[], float]) -> float:
+            """`run`'s items/s; its CPU seconds per item (this process: client, fake server, model) kept."""
+            began = time.process_time()
+            rate = run()
+            cpu.setdefault(name, []).append((time.process_time() - began) / len(data))
+            return rate
+
         adapter.clip.warmup()
         rounds = []
         for number in range(args.rounds):
-            row = {"compute_before": compute_only()}
-            row["dtlpy_flow"] = embed_dataset(overlapped=False)
-            row["overlapped"] = embed_dataset(overlapped=True)
-            row["compute_after"] = compute_only()
-            row["downloads"] = downloads_only()
+            row = {"compute_before": timed("compute", compute_only)}
+            row["dtlpy_flow"] = timed("dtlpy_flow", lambda: embed_dataset(overlapped=False))
+            row["overlapped"] = timed("overlapped", lambda: embed_dataset(overlapped=True))
+            row["compute_after"] = timed("compute", compute_only)
+            row["downloads"] = timed("downloads", downloads_only)
             compute = (row["compute_before"] + row["compute_after"]) / 2
             row["ratio_dtlpy_flow"] = row["dtlpy_flow"] / compute
             row["ratio_overlapped"] = row["overlapped"] / compute
@@ -164,17 +174,19 @@ def main() -> None:
             print(f"round {number + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         results["rounds"] = rounds
         results["batch_size"] = batch
+        results["cpu_ms_per_item"] = {name: 1e3 * statistics.median(values) for name, values in cpu.items()}
     finally:
         server.stop()
     results["uptime_end"] = uptime()
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     results["median"] = median
     compute = (median["compute_before"] + median["compute_after"]) / 2
-    # Per image: c of compute, d of download. In turn: N (c + d). Overlapped: the first batch's
-    # download, then each batch's compute or the next batch's download, whichever is longer.
-    n, first = args.images, min(batch, args.images)
+    # Per image: c of compute, d of download. In turn: N (c + d). Overlapped: the first call's
+    # download (FIRST_TURN items), then each batch's compute or the next batch's download, whichever
+    # is longer. Neither counts the listing queries or the feature uploads.
+    n, first = args.images, min(batch, ClipAdapter.FIRST_TURN, args.images)
     c, d = 1 / compute, 1 / median["downloads"]
-    c_batch, d_batch = first * c, first * d
+    c_batch, d_batch = min(batch, n) * c, min(batch, n) * d
     ideal_sequential = n * (c + d)
     ideal_overlap = first * d + n * c + max(0.0, d - c) * (n - first)
     results["model"] = {"compute_s_per_batch": c_batch, "download_s_per_batch": d_batch,
@@ -195,6 +207,8 @@ def main() -> None:
           f"dtlpy's flow {results['model']['ideal_dtlpy_flow_ratio']:.2f}, overlapped "
           f"{results['model']['ideal_overlapped_ratio']:.2f}")
     print(f"requests of one embed_dataset: {results['requests']}")
+    print("CPU ms per item (this process: dtlpy, the fake server, the model): "
+          + ", ".join(f"{name} {ms:.1f}" for name, ms in results["cpu_ms_per_item"].items()))
     print(f"uptime: {results['uptime_start']} -> {results['uptime_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,4 +1,5 @@
-"""Issue 18 item 5: one execution downloads the next batch while it embeds the current one.
+"""Issue 18 item 5: one execution downloads the next batch while it embeds the current one, and
+uploads a batch's vectors while it embeds the next.
 
 dtlpy's own `embed_items` / `predict_items` / `embed_dataset` run unmodified over the fake platform
 (tests/fake_dataloop); the adapter only wraps `embed_items`/`predict_items` around dtlpy's and hands
@@ -116,6 +117,66 @@ def test_the_next_batch_downloads_while_a_batch_embeds(loaded):
 
     assert adapter.seen_ahead == [True] * (len(batches) - 1)
     assert sorted(stream_requests(platform)) == sorted(downloadable)  # each item downloaded once
+
+
+class UploadWatchingAdapter(ClipAdapter):
+    """Records, at the start of each `embed` after the first, whether the items of the batch before
+    have their vectors on the platform already (it waits up to 3 s for them to be); fails the batch
+    holding `poisoned` as a model error would."""
+
+    platform = None
+    feature_set_id = ""
+    earlier: list[str] = []
+    seen_uploaded: list[bool] = []
+    poisoned = ""
+
+    def embed(self, batch: list, **kwargs):
+        if self.earlier:
+            deadline = time.monotonic() + 3.0
+            while not set(self.earlier) <= set(self.platform.vectors_of(self.feature_set_id)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.seen_uploaded.append(set(self.earlier) <= set(self.platform.vectors_of(self.feature_set_id)))
+        self.earlier = [x.item_id for x in batch]
+        if self.poisoned in self.earlier:
+            raise RuntimeError("a model error in this batch")
+        return super().embed(batch, **kwargs)
+
+
+@pytest.fixture
+def upload_watching(loaded):
+    platform, data, seeded, recording = loaded
+    adapter = UploadWatchingAdapter(model_entity=recording.model_entity)
+    adapter.platform = platform
+    adapter.embed_items([dl.items.get(item_id=seeded[0]["id"])])  # creates the feature set
+    (feature_set,) = platform.feature_sets.values()
+    adapter.feature_set_id, adapter.earlier = feature_set["id"], []
+    images = [dl.items.get(item_id=i["id"]) for i in seeded if i["filename"].startswith("/photos/p")][:9]
+    platform.features.clear()
+    platform.requests.clear()
+    return platform, adapter, images
+
+
+def test_a_batchs_vectors_upload_while_the_next_batch_embeds(upload_watching):
+    """dtlpy uploads all vectors after the last batch; here each batch's upload (dtlpy's own code)
+    is under way while the next batch embeds, and the first call takes FIRST_TURN items."""
+    platform, adapter, images = upload_watching
+    adapter.FIRST_TURN = 2
+    done, vectors = adapter.embed_items(images)
+
+    assert adapter.seen_uploaded == [True, True, True]  # turns of 2, 3, 3 and 1 items
+    assert [i.id for i in done] == [i.id for i in images] and len(vectors) == len(images)
+    assert set(platform.vectors_of(adapter.feature_set_id)) == {i.id for i in images}
+    assert platform.requests.count("POST /features/vectors") == 4
+
+
+def test_a_failing_batch_fails_the_call_and_every_other_batch_is_uploaded(upload_watching):
+    platform, adapter, images = upload_watching
+    adapter.poisoned = images[4].id
+    with pytest.raises(Exception, match=images[4].id):
+        adapter.embed_items(images)
+    uploaded = set(platform.vectors_of(adapter.feature_set_id))
+    assert uploaded == {i.id for i in images[:3] + images[6:]}  # the batch of items 3-5 is the failed one
 
 
 def test_predict_items_overlapped_labels_the_same_as_dtlpys_flow(loaded):

@@ -66,7 +66,7 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = "ViT-B/32"
 def add_engine_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="inference engine: auto (measured on this CPU at first use, cached), torch, "
-                             "onnxruntime[-int8], openvino[-bf16] (default auto; GPUs use torch)")
+                             "onnxruntime[-int8], openvino[-bf16|-bf16-matmul] (default auto; GPUs use torch)")
 
 
 # A model's first use on a CPU (ONNX export + `auto`'s timing) took 95 s for ViT-B/32 (151 M parameters) on

@@ -35,7 +35,8 @@ PLATFORM_KEYS = frozenset({"id_to_label_map", "label_to_id_map"})
 
 Monitor = Literal["mean_recall", "recall@1", "loss"]
 # engines.ENGINES, spelt out for pydantic (tests/test_engines.py checks they stay the same)
-Engine = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16"]
+Engine = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+                 "openvino-bf16-matmul"]
 
 
 class ClipConfig(BaseModel):
@@ -86,10 +87,10 @@ class ClipConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description=(
         "'auto': fp32 on CPU, fp16/bf16 autocast on GPU."))
     engine: Engine = Field("auto", description=(
-        "What runs inference (training is always torch): 'auto' measures torch and ONNX Runtime (fp32, int8) "
-        "on this CPU at first load and keeps the fastest that agrees with torch; 'torch'; or by name "
-        "'onnxruntime', 'onnxruntime-int8', 'openvino', 'openvino-bf16' (OpenVINO: not in a process that "
-        "then trains, see docs/benchmarks.md). GPUs use torch."))
+        "What runs inference (training is always torch): 'auto' measures torch, ONNX Runtime (fp32, int8) "
+        "and OpenVINO (fp32, bf16, bf16 matrix products) on this CPU at first load and keeps the fastest "
+        "that agrees with torch; 'torch'; or by name 'onnxruntime', 'onnxruntime-int8', 'openvino', "
+        "'openvino-bf16', 'openvino-bf16-matmul' (docs/benchmarks.md). GPUs use torch."))
     num_workers: int = Field(2, ge=0, description=(
         "Parallel image decoding beside the model: threads when embedding, processes when training."))
 

@@ -3,7 +3,7 @@
 - `export_towers` writes `{image,text}-fp32.onnx` and the image tower's int8 copy once per
   fingerprint (built in a work folder, each file fsynced and renamed in, `export.json` with their
   hashes last), under a per-fingerprint lock; `ensure_export` finds a sound one or rebuilds it.
-- `choose_engine` runs the installed candidates (torch, ONNX Runtime fp32/int8, OpenVINO fp32/bf16)
+- `choose_engine` runs the installed candidates (torch, ONNX Runtime fp32/int8, OpenVINO fp32/bf16/bf16-matmul)
   on a probe batch, keeps those whose vectors agree with torch fp32 (per-vector cosine and top-10
   retrieval agreement, both towers) and do not move with their batch, and picks the fastest; the
   figures are cached per fingerprint and CPU. The timing source is a parameter, so tests can hand
@@ -140,8 +140,12 @@ def _write_export(clip: "ClipModel", directory: Path) -> None:
         tokens = torch.as_tensor(np.asarray(clip.tokenizer(["a photo", "export"])), device=clip.device)
         _export(_ImageTower(model), pixels, "pixels", work, tower_file(work, "image", "fp32").name)
         _export(_TextTower(model), tokens, "tokens", work, tower_file(work, "text", "fp32").name)
+        unavailable = {}
         if runtime_installed("onnxruntime"):
-            quantize_image_tower(work)
+            failed = quantize_image_tower(work)
+            if failed:
+                log.warning("%s: no onnxruntime-int8 engine for this model: %s", clip.name, failed)
+                unavailable["onnxruntime-int8"] = failed
         files = {}
         for path in sorted(p for p in work.iterdir() if p.name.endswith((".onnx", ".onnx.data"))):
             os.chmod(path, 0o644)  # onnx writes external data private; a shared cache is read by other users
@@ -155,7 +159,7 @@ def _write_export(clip: "ClipModel", directory: Path) -> None:
             "format": EXPORT_FORMAT, "model": clip.name, "arch": clip.arch, "fingerprint": clip.fingerprint,
             "dim": clip.dim, "image_size": clip.image_size, "tokenizer": tokenizer_spec(clip),
             "preprocess": clip.preprocess_cfg, "opset": OPSET, "torch": torch.__version__,
-            "seconds": round(time.perf_counter() - started, 1), "files": files})
+            "seconds": round(time.perf_counter() - started, 1), "files": files, "unavailable": unavailable})
     finally:
         shutil.rmtree(work, ignore_errors=True)
         forget_checks(directory)
@@ -196,13 +200,21 @@ def tokenizer_spec(clip: "ClipModel") -> Optional[dict[str, Any]]:
     return {"kind": "clip-bpe", "context_length": int(tokenizer.context_length)}
 
 
-def quantize_image_tower(work: Path) -> None:
+def quantize_image_tower(work: Path) -> Optional[str]:
     """The int8 copy of the image tower (dynamic quantization: int8 weights; activations scaled per
-    input, which is why that tower runs one item at a time, engines.PER_SAMPLE)."""
+    input, which is why that tower runs one item at a time, engines.PER_SAMPLE); None when written,
+    else why not. ONNX Runtime's quantizer cannot take every graph (OpenAI's ResNets: "Expected
+    onnx::Conv_879 to be an initializer"), and an export without its int8 copy is still whole."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(tower_file(work, "image", "fp32")), str(tower_file(work, "image", "int8")),
-                     weight_type=QuantType.QInt8)
+    target = tower_file(work, "image", "int8")
+    try:
+        quantize_dynamic(str(tower_file(work, "image", "fp32")), str(target), weight_type=QuantType.QInt8)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the quantizer's failures are untyped; the variant is dropped
+        for partial in work.glob(target.name + "*"):
+            partial.unlink()
+        return f"ONNX Runtime could not quantize the image tower ({type(exc).__name__}: {exc})"[:300]
 
 
 def open_engine(directory: Path, name: str, *, eager: bool = True) -> Engine:
@@ -302,14 +314,22 @@ def wall_clock(name: str, run: Callable[[], object]) -> float:
 
 
 AUTO_RUNTIMES = ("onnxruntime", "openvino")
-# Which variants auto may try (comma-separated; default all installed): a deployment can leave one out.
+# Which variants auto may try (comma-separated; default all installed but OPT_IN): a deployment can
+# leave one out, or name an OPT_IN one.
 AUTO_ENGINES_ENV = "CLIP_ADAPTER_AUTO_ENGINES"
+# Variants auto tries only when named above. openvino-bf16 rounds every activation to bf16 where
+# openvino-bf16-matmul rounds only the weight products' operands, at the same speed on this CPU
+# (ViT-B/32 on auto's probe: 42.6 vs 43.2 img/s); the extra rounding puts it on the agreement bar:
+# top-10 0.981 on auto's probe and 0.969 on the bench's photos, where bf16-matmul scored 0.988 and
+# 0.983 (docs/benchmarks.md). A timing tie could hand auto the worse of the two.
+OPT_IN = frozenset({"openvino-bf16"})
 
 
 def candidate_names() -> list[str]:
     allowed = [n.strip() for n in os.environ.get(AUTO_ENGINES_ENV, "").split(",") if n.strip()]
     return [TORCH] + [name for name, (runtime, _, _) in VARIANTS.items()
-                      if runtime in AUTO_RUNTIMES and runtime_installed(runtime) and (not allowed or name in allowed)]
+                      if runtime in AUTO_RUNTIMES and runtime_installed(runtime)
+                      and (name in allowed if allowed else name not in OPT_IN)]
 
 
 def choose_engine(clip: "ClipModel", directory: Path, *, timer: Timer = wall_clock,
