@@ -143,27 +143,28 @@ def tiny_resnet(tmp_path_factory):
 def test_a_resnet_export_is_whole_without_its_int8_copy(engine_cache, tiny_resnet, caplog):
     clip = attach_engine(load_model(tiny_resnet, device="cpu"), "onnxruntime")
     assert clip.engine_name == "onnxruntime"
-    info = engines.read_export_info(clip.engine.directory)
-    assert "could not quantize" in info["unavailable"]["onnxruntime-int8"]
-    assert not list(clip.engine.directory.glob("image-int8*"))
     pixels, tokens = probe_inputs(clip, 4)
     assert cosines(clip.encode_images(pixels), clip.torch_encode_images(pixels)).min() >= 0.99999
+    if "openvino-bf16-matmul" in IN_PROCESS:  # convolutions get bf16 operands too
+        mixed = attach_engine(load_model(tiny_resnet, device="cpu"), "openvino-bf16-matmul")
+        assert mixed.engine_name == "openvino-bf16-matmul"
+        assert cosines(mixed.encode_images(pixels), clip.torch_encode_images(pixels)).min() >= 0.999
+    info = engines.read_export_info(clip.engine.directory)
+    if "onnxruntime-int8" not in info.get("unavailable", {}):
+        pytest.skip("this ONNX Runtime quantizes the test ResNet: nothing here to be unavailable")
+    assert "could not quantize" in info["unavailable"]["onnxruntime-int8"]
+    assert not list(clip.engine.directory.glob("image-int8*"))
     # the missing variant is refused by name with its reason (no rebuild, no damage warning), and auto
-    # measures the others
+    # measures the others (which of them it keeps is not asserted: a random tiny ResNet maps every probe
+    # image to nearly the same vector, so its top-10 order is float noise)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert attach_engine(load_model(tiny_resnet, device="cpu"), "onnxruntime-int8").engine_name == "torch"
     warnings = engine_warnings(caplog)
     assert len(warnings) == 1 and "not available for this export" in warnings[0] and "damaged" not in warnings[0]
-    # (which of the others auto keeps is not asserted: a random tiny ResNet maps every probe image to
-    # nearly the same vector, so its top-10 order is float noise)
     figures = choose_engine(load_model(tiny_resnet, device="cpu"), clip.engine.directory)["figures"]
     assert "not available for this export" in figures["onnxruntime-int8"]["reason"]
     assert figures["onnxruntime"]["min_cosine"] >= 0.99999
-    if "openvino-bf16-matmul" in IN_PROCESS:  # convolutions get bf16 operands too
-        mixed = attach_engine(load_model(tiny_resnet, device="cpu"), "openvino-bf16-matmul")
-        assert mixed.engine_name == "openvino-bf16-matmul"
-        assert cosines(mixed.encode_images(pixels), clip.torch_encode_images(pixels)).min() >= 0.999
 
 
 def test_embedder_on_an_engine_matches_torch_on_files(tmp_path, tiny):
