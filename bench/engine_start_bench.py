@@ -95,12 +95,7 @@ def engines_on_photos(clip, directory: Path, pixels: torch.Tensor, tokens, round
         batch = engine.encode_images(array[:n])
         alone = np.concatenate([engine.encode_images(array[i:i + 1]) for i in range(n)])
         rows[name]["drift_alone_vs_batch32"] = float(np.abs(alone - batch).max())
-        images, texts = engine.encode_images(array), engine.encode_tokens(tokens)
-        rows[name].update(agreement(reference, (images, texts)))
-        # the two halves of `agreement`: image -> image neighbours, and caption -> image
-        rows[name]["top10_image_image"] = retrieval_agreement(reference[0], reference[0], images, images,
-                                                              exclude_self=True)
-        rows[name]["top10_text_image"] = retrieval_agreement(reference[1], reference[0], texts, images)
+        rows[name].update(agreement(reference, (engine.encode_images(array), engine.encode_tokens(tokens))))
         if name in engines.PER_SAMPLE:
             whole = engines.normalize_rows(engine.tower("image")(array[:n]))
             lone = np.concatenate([engines.normalize_rows(engine.tower("image")(array[i:i + 1])) for i in range(n)])

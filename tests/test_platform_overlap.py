@@ -32,6 +32,14 @@ def jpeg_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def soon(condition, seconds: float = 3.0) -> bool:
+    """Whether `condition()` holds within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
 class RecordingAdapter(ClipAdapter):
     """With `upcoming` set (a list of the item ids of each next batch), records at the start of each
     `embed` call whether the next batch's items were requested from the platform before this batch's
@@ -44,10 +52,7 @@ class RecordingAdapter(ClipAdapter):
     def embed(self, batch: list, **kwargs):
         if self.upcoming:
             later = self.upcoming.pop(0)
-            deadline = time.monotonic() + 3.0
-            while not set(later) <= set(stream_requests(self.platform)) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            self.seen_ahead.append(set(later) <= set(stream_requests(self.platform)))
+            self.seen_ahead.append(soon(lambda: set(later) <= set(stream_requests(self.platform))))
         return super().embed(batch, **kwargs)
 
 
@@ -132,11 +137,8 @@ class UploadWatchingAdapter(ClipAdapter):
 
     def embed(self, batch: list, **kwargs):
         if self.earlier:
-            deadline = time.monotonic() + 3.0
-            while not set(self.earlier) <= set(self.platform.vectors_of(self.feature_set_id)) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.02)
-            self.seen_uploaded.append(set(self.earlier) <= set(self.platform.vectors_of(self.feature_set_id)))
+            earlier = set(self.earlier)
+            self.seen_uploaded.append(soon(lambda: earlier <= set(self.platform.vectors_of(self.feature_set_id))))
         self.earlier = [x.item_id for x in batch]
         if self.poisoned in self.earlier:
             raise RuntimeError("a model error in this batch")

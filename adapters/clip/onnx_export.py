@@ -288,11 +288,13 @@ def retrieval_agreement(ref_queries: np.ndarray, ref_gallery: np.ndarray, querie
 
 
 def agreement(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
-    """(image, text) vectors of a candidate vs torch fp32: the worst cosine and the worse retrieval overlap."""
+    """(image, text) vectors of a candidate vs torch fp32: the worst cosine and the worse retrieval
+    overlap (`agreement`), with its two halves: image -> image neighbours and caption -> image."""
     (ref_img, ref_txt), (img, txt) = reference, candidate
+    halves = {"top10_image_image": retrieval_agreement(ref_img, ref_img, img, img, exclude_self=True),
+              "top10_text_image": retrieval_agreement(ref_txt, ref_img, txt, img)}
     return {"min_cosine": min(min_cosine(ref_img, img), min_cosine(ref_txt, txt)),
-            "agreement": min(retrieval_agreement(ref_img, ref_img, img, img, exclude_self=True),
-                             retrieval_agreement(ref_txt, ref_img, txt, img))}
+            "agreement": min(halves.values()), **halves}
 
 
 def verify_engine(clip: "ClipModel", engine: Engine, count: int = 4) -> None:
